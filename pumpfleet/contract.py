@@ -1,0 +1,350 @@
+"""The wire contract, version 1: every message a pump sends, and the topics it sends them on.
+
+This module is the one home of the contract. The agent, the simulator, the ingester and the
+dashboards import it; nobody keeps a copy. `pumpfleet contract schema` writes the JSON Schema of
+each message to docs/contract/ so that firmware teams can code against it.
+
+Units are in field names (`_ml`, `_ul_per_h`, `_mcg_per_day`, `_pct`); times are UTC from the
+device clock; `seq` is per pump, increases by one per message and survives agent restarts, so
+(pump_id, seq) identifies a message and lets storage drop redeliveries.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime, timedelta
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    model_validator,
+)
+
+CONTRACT_VERSION = 1
+TOPIC_ROOT = "pumps"
+MAX_FUTURE_SKEW = timedelta(minutes=10)
+"""A device time further ahead of the receiver's clock than this is impossible, not skew."""
+MAX_FLEX_STEPS = 13
+MAX_PAYLOAD_BYTES = 16 * 1024
+"""Largest payload the ingester accepts; a telemetry message is about 400 bytes."""
+
+PUMP_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"
+
+
+class Kind(StrEnum):
+    """The leaf of a pump's topic tree: which message the topic carries."""
+
+    TELEMETRY = "telemetry"
+    EVENT = "event"
+    STATUS = "status"
+
+
+class PumpAlarm(StrEnum):
+    """The pump's own alarms (domain.md, 'Pump alarms')."""
+
+    LOW_RESERVOIR = "low_reservoir"
+    EMPTY_RESERVOIR = "empty_reservoir"
+    ERI = "eri"
+    EOS = "eos"
+    MOTOR_STALL = "motor_stall"
+    CRITICAL_MEMORY_ERROR = "critical_memory_error"
+    NONCRITICAL_MEMORY_ERROR = "noncritical_memory_error"
+    REDUCED_BATTERY_PERFORMANCE = "reduced_battery_performance"
+
+
+class PumpState(StrEnum):
+    INFUSING = "infusing"
+    """Rotor turning as programmed."""
+    SUSPENDED = "suspended"
+    """Stopped on purpose: clinician stop, or an MRI scan in progress."""
+    STALLED = "stalled"
+    """Rotor not turning although programmed to."""
+    STOPPED = "stopped"
+    """No delivery because of an alarm: empty reservoir, EOS, critical memory error."""
+
+
+class DosingMode(StrEnum):
+    CONTINUOUS = "continuous"
+    FLEX = "flex"
+
+
+def _utc(value: datetime) -> datetime:
+    if value.tzinfo is None or value.utcoffset() is None:
+        raise ValueError("must carry a UTC offset (RFC 3339), e.g. 2026-01-01T00:00:00Z")
+    value = value.astimezone(UTC)
+    if value - datetime.now(UTC) > MAX_FUTURE_SKEW:
+        raise ValueError(f"is more than {MAX_FUTURE_SKEW} ahead of the receiver's clock")
+    return value
+
+
+DeviceTime = Annotated[datetime, AfterValidator(_utc)]
+Volume_ml = Annotated[float, Field(ge=0, le=100, allow_inf_nan=False)]
+Rate_ul_per_h = Annotated[float, Field(ge=0, le=10_000, allow_inf_nan=False)]
+Dose_mcg_per_day = Annotated[float, Field(ge=0, le=10_000, allow_inf_nan=False)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
+class _Envelope(_Strict):
+    v: Literal[1] = Field(description="Contract version.")
+    pump_id: str = Field(pattern=PUMP_ID_PATTERN, description="Must equal the topic's pump id.")
+    time: DeviceTime = Field(description="Device clock, UTC, RFC 3339.")
+    seq: int = Field(ge=0, lt=2**63, description="Per-pump sequence, +1 per message.")
+
+
+class Telemetry(_Envelope):
+    """Periodic reading, sent every reporting interval."""
+
+    kind: Literal["telemetry"] = "telemetry"
+    delivered_ul_per_h: Rate_ul_per_h = Field(
+        description="Flow the pump delivered over the last interval, from rotor counts."
+    )
+    programmed_rate_ul_per_h: Rate_ul_per_h = Field(description="Rate programmed right now.")
+    programmed_dose_mcg_per_day: Dose_mcg_per_day = Field(
+        description="Daily dose of the programmed schedule (boluses excluded)."
+    )
+    reservoir_ml: Volume_ml = Field(description="Drug volume the pump estimates it holds.")
+    reservoir_capacity_ml: Annotated[float, Field(gt=0, le=100, allow_inf_nan=False)]
+    low_reservoir_alarm_ml: Volume_ml = Field(description="Programmed low-reservoir alarm volume.")
+    concentration_mcg_per_ml: Annotated[float, Field(gt=0, le=10_000, allow_inf_nan=False)]
+    battery_pct: Annotated[float, Field(ge=0, le=100, allow_inf_nan=False)]
+    battery_eri: bool = Field(description="Elective replacement indicator active.")
+    pump_state: PumpState
+    alarms: tuple[PumpAlarm, ...] = Field(
+        default=(), max_length=len(PumpAlarm), description="Active pump alarms."
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Telemetry:
+        if self.reservoir_ml > self.reservoir_capacity_ml:
+            raise ValueError(
+                f"reservoir_ml {self.reservoir_ml} exceeds reservoir_capacity_ml "
+                f"{self.reservoir_capacity_ml}"
+            )
+        if self.low_reservoir_alarm_ml > self.reservoir_capacity_ml:
+            raise ValueError("low_reservoir_alarm_ml exceeds reservoir_capacity_ml")
+        if len(set(self.alarms)) != len(self.alarms):
+            raise ValueError("alarms: an alarm is listed twice")
+        return self
+
+
+class FlexStep(_Strict):
+    start_minute: int = Field(ge=0, lt=24 * 60, description="Minutes after local midnight.")
+    dose_mcg_per_day: Dose_mcg_per_day = Field(description="Rate of this step as a daily dose.")
+
+
+class Schedule(_Strict):
+    """A programmed schedule: one continuous dose, or up to 13 flex steps a day."""
+
+    mode: DosingMode
+    dose_mcg_per_day: Dose_mcg_per_day = Field(description="Total programmed daily dose.")
+    steps: tuple[FlexStep, ...] = Field(default=(), max_length=MAX_FLEX_STEPS)
+
+    @model_validator(mode="after")
+    def _steps_fit_mode(self) -> Schedule:
+        if self.mode is DosingMode.CONTINUOUS and self.steps:
+            raise ValueError("steps: a continuous schedule has no flex steps")
+        if self.mode is DosingMode.FLEX:
+            if not self.steps:
+                raise ValueError("steps: a flex schedule needs at least one step")
+            starts = [s.start_minute for s in self.steps]
+            if starts[0] != 0 or starts != sorted(set(starts)):
+                raise ValueError("steps: must start at minute 0 and increase")
+        return self
+
+
+class _Event(_Envelope):
+    kind: Literal["event"] = "event"
+
+
+class Refill(_Event):
+    event: Literal["refill"]
+    expected_ml: Volume_ml = Field(description="Volume the pump expected to hold before refill.")
+    withdrawn_ml: Volume_ml = Field(description="Volume withdrawn from the reservoir at refill.")
+    injected_ml: Volume_ml = Field(description="Volume the clinician injected.")
+    reservoir_after_ml: Volume_ml = Field(description="Reservoir volume entered after refill.")
+    concentration_mcg_per_ml: Annotated[float, Field(gt=0, le=10_000, allow_inf_nan=False)]
+
+
+class Reprogram(_Event):
+    event: Literal["reprogram"]
+    old_schedule: Schedule
+    new_schedule: Schedule
+    session: bool = Field(
+        default=True,
+        description="True when a clinician programming session made the change; a rate "
+        "change without one is a battery-fault reset.",
+    )
+
+
+class Bolus(_Event):
+    event: Literal["bolus"]
+    source: Literal["clinician", "patient"]
+    dose_mcg: Annotated[float, Field(gt=0, le=2_000, allow_inf_nan=False)]
+    duration_min: Annotated[float, Field(ge=0, le=24 * 60, allow_inf_nan=False)]
+
+
+class MriStart(_Event):
+    event: Literal["mri_start"]
+
+
+class MriEnd(_Event):
+    event: Literal["mri_end"]
+
+
+class MotorStall(_Event):
+    event: Literal["motor_stall"]
+
+
+class MotorStallRecovery(_Event):
+    event: Literal["motor_stall_recovery"]
+    stalled_since: DeviceTime
+
+
+class AlarmRaised(_Event):
+    event: Literal["alarm_raised"]
+    alarm: PumpAlarm
+
+
+class AlarmCleared(_Event):
+    event: Literal["alarm_cleared"]
+    alarm: PumpAlarm
+
+
+class Status(_Envelope):
+    """Retained on the pump's status topic; the agent's MQTT last will says offline."""
+
+    kind: Literal["status"] = "status"
+    online: bool
+    reason: str | None = Field(default=None, max_length=200)
+
+
+EventMessage = (
+    Refill
+    | Reprogram
+    | Bolus
+    | MriStart
+    | MriEnd
+    | MotorStall
+    | MotorStallRecovery
+    | AlarmRaised
+    | AlarmCleared
+)
+Message = Telemetry | Status | EventMessage
+
+Event = Annotated[EventMessage, Field(discriminator="event")]
+
+_ADAPTERS: dict[Kind, TypeAdapter[Any]] = {
+    Kind.TELEMETRY: TypeAdapter(Telemetry),
+    Kind.EVENT: TypeAdapter(Event),
+    Kind.STATUS: TypeAdapter(Status),
+}
+
+
+# Topics ---------------------------------------------------------------------------------------
+
+
+class ContractError(ValueError):
+    """A message that breaks the contract; `str()` is the reason stored in the dead-letter table."""
+
+
+def topic(pump_id: str, kind: Kind | str) -> str:
+    return f"{TOPIC_ROOT}/{pump_id}/{Kind(kind).value}"
+
+
+def subscription(kind: Kind | str | None = None, shared_group: str | None = None) -> str:
+    """Topic filter for every pump's `kind` messages (all kinds if None), optionally shared."""
+    leaf = Kind(kind).value if kind is not None else "#"
+    filt = f"{TOPIC_ROOT}/+/{leaf}"
+    return f"$share/{shared_group}/{filt}" if shared_group else filt
+
+
+def parse_topic(name: str) -> tuple[str, Kind]:
+    """Split `pumps/{pump_id}/{kind}` into its pump id and kind."""
+    parts = name.split("/")
+    if len(parts) != 3 or parts[0] != TOPIC_ROOT:
+        raise ContractError(f"topic {name!r} is not {TOPIC_ROOT}/{{pump_id}}/{{kind}}")
+    try:
+        kind = Kind(parts[2])
+    except ValueError:
+        raise ContractError(
+            f"topic {name!r}: unknown kind {parts[2]!r}, expected one of "
+            f"{', '.join(k.value for k in Kind)}"
+        ) from None
+    return parts[1], kind
+
+
+# Decoding ---------------------------------------------------------------------------------------
+
+
+def describe(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors(include_url=False, include_input=False):
+        where = ".".join(str(p) for p in err["loc"]) or "payload"
+        parts.append(f"{where}: {err['msg']}")
+    return "; ".join(parts)
+
+
+def decode(topic_name: str, payload: bytes | str) -> Message:
+    """Validate one MQTT message; raise ContractError naming the field on any breach.
+
+    The topic's pump id must equal the payload's: a mismatch is spoofing.
+    """
+    pump_id, kind = parse_topic(topic_name)
+    if len(payload) > MAX_PAYLOAD_BYTES:
+        raise ContractError(f"payload: {len(payload)} bytes exceeds the {MAX_PAYLOAD_BYTES} limit")
+    try:
+        msg = _ADAPTERS[kind].validate_json(payload)
+    except ValidationError as exc:
+        raise ContractError(describe(exc)) from None
+    if msg.pump_id != pump_id:
+        raise ContractError(
+            f"pump_id: payload says {msg.pump_id!r} but topic says {pump_id!r} (spoofing)"
+        )
+    return msg  # type: ignore[no-any-return]
+
+
+def encode(msg: BaseModel) -> bytes:
+    """Serialise a message the way agents put it on the wire."""
+    return msg.model_dump_json(exclude_none=True).encode()
+
+
+def kind_of(msg: BaseModel) -> Kind:
+    return Kind(getattr(msg, "kind"))  # noqa: B009 - every message model has `kind`
+
+
+# JSON Schema ------------------------------------------------------------------------------------
+
+
+def json_schemas() -> dict[str, dict[str, Any]]:
+    """The JSON Schema of each topic's payload, keyed by file name."""
+    out = {}
+    for kind, adapter in _ADAPTERS.items():
+        schema = adapter.json_schema(mode="validation")
+        schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+        schema["$id"] = f"pumpfleet/contract/v{CONTRACT_VERSION}/{kind.value}.json"
+        schema.setdefault("title", kind.value.capitalize())
+        schema["description"] = (
+            f"Payload published on topic {topic('{pump_id}', kind)} (contract v{CONTRACT_VERSION})."
+        )
+        out[f"{kind.value}.v{CONTRACT_VERSION}.json"] = schema
+    return out
+
+
+def write_json_schemas(directory: Path) -> list[Path]:
+    directory.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name, schema in json_schemas().items():
+        path = directory / name
+        path.write_text(json.dumps(schema, indent=2, sort_keys=True) + "\n")
+        written.append(path)
+    return written

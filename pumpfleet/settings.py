@@ -1,0 +1,107 @@
+"""One typed settings object for every part, from environment variables and a TOML file.
+
+Precedence: explicit arguments, then `PUMPFLEET_*` environment variables (nested with `__`, e.g.
+`PUMPFLEET_INGEST__BATCH_MAX=2000`), then the TOML file named by `PUMPFLEET_CONFIG` (default
+`pumpfleet.toml` in the working directory, if present), then the connection settings of a
+local stack started with `pumpfleet stack up`, then defaults that run locally.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, Field, SecretStr
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+DEFAULT_RUN_DIR = Path(".pumpfleet")
+
+
+class MqttSettings(BaseModel):
+    url: str = "mqtt://127.0.0.1:1883"
+    username: str | None = None
+    password: SecretStr | None = None
+    tls_ca: Path | None = Field(default=None, description="CA bundle; setting it turns TLS on.")
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    keepalive_s: int = Field(default=30, ge=5, le=3600)
+
+
+class IngestSettings(BaseModel):
+    client_id: str = "pumpfleet-ingest-1"
+    shared_group: str | None = Field(
+        default=None, description="MQTT 5 shared-subscription group; set to split load."
+    )
+    batch_max: int = Field(default=2000, ge=1, le=100_000)
+    flush_ms: int = Field(default=100, ge=1, le=60_000)
+    max_pending: int = Field(
+        default=20_000, ge=1, description="Messages held unacknowledged before reading pauses."
+    )
+    max_payload_bytes: int = Field(default=16 * 1024, ge=256)
+    unknown_pumps: str = Field(
+        default="register",
+        pattern="^(register|dead-letter)$",
+        description="What to do with a valid message from a pump not in the registry.",
+    )
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int = Field(default=9108, ge=0, le=65535)
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="PUMPFLEET_", env_nested_delimiter="__", extra="forbid"
+    )
+
+    run_dir: Path = DEFAULT_RUN_DIR
+    database_url: SecretStr = SecretStr("postgresql://pumpfleet@127.0.0.1:5432/pumpfleet")
+    mqtt: MqttSettings = MqttSettings()
+    ingest: IngestSettings = IngestSettings()
+    log_level: str = "INFO"
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        config = Path(os.environ.get("PUMPFLEET_CONFIG", "pumpfleet.toml"))
+        return (
+            init_settings,
+            env_settings,
+            TomlConfigSettingsSource(settings_cls, toml_file=config),
+            _StackSource(settings_cls),
+        )
+
+
+class _StackSource(PydanticBaseSettingsSource):
+    """Connection settings of a running local stack (`pumpfleet stack up`), if there is one."""
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        run_dir = Path(os.environ.get("PUMPFLEET_RUN_DIR", DEFAULT_RUN_DIR))
+        state = run_dir / "stack.json"
+        try:
+            info = json.loads(state.read_text())
+        except (OSError, ValueError):
+            return {}
+        return {
+            "database_url": f"postgresql://{info['pg_user']}@{info['pg_host']}:{info['pg_port']}"
+            f"/{info['pg_database']}",
+            "mqtt": {"url": f"mqtt://{info['mqtt_host']}:{info['mqtt_port']}"},
+        }
+
+
+def load_settings(**overrides: Any) -> Settings:
+    return Settings(**overrides)

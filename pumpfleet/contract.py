@@ -294,7 +294,7 @@ def describe(exc: ValidationError) -> str:
     return "; ".join(parts)
 
 
-def decode(topic_name: str, payload: bytes | str) -> Message:
+def decode(topic_name: str, payload: bytes | bytearray | str) -> Message:
     """Validate one MQTT message; raise ContractError naming the field on any breach.
 
     The topic's pump id must equal the payload's: a mismatch is spoofing.
@@ -310,7 +310,7 @@ def decode(topic_name: str, payload: bytes | str) -> Message:
         raise ContractError(
             f"pump_id: payload says {msg.pump_id!r} but topic says {pump_id!r} (spoofing)"
         )
-    return msg  # type: ignore[no-any-return]
+    return msg
 
 
 def encode(msg: BaseModel) -> bytes:

@@ -8,7 +8,6 @@ local stack started with `pumpfleet stack up`, then defaults that run locally.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -51,7 +50,9 @@ class IngestSettings(BaseModel):
         description="What to do with a valid message from a pump not in the registry.",
     )
     metrics_host: str = "127.0.0.1"
-    metrics_port: int = Field(default=9108, ge=0, le=65535)
+    metrics_port: int | None = Field(
+        default=9108, ge=0, le=65535, description="0 picks a free port; unset disables."
+    )
 
 
 class Settings(BaseSettings):
@@ -90,17 +91,12 @@ class _StackSource(PydanticBaseSettingsSource):
         return None, field_name, False
 
     def __call__(self) -> dict[str, Any]:
-        run_dir = Path(os.environ.get("PUMPFLEET_RUN_DIR", DEFAULT_RUN_DIR))
-        state = run_dir / "stack.json"
-        try:
-            info = json.loads(state.read_text())
-        except (OSError, ValueError):
+        from pumpfleet import stack
+
+        info = stack.load(Path(os.environ.get("PUMPFLEET_RUN_DIR", DEFAULT_RUN_DIR)))
+        if info is None:
             return {}
-        return {
-            "database_url": f"postgresql://{info['pg_user']}@{info['pg_host']}:{info['pg_port']}"
-            f"/{info['pg_database']}",
-            "mqtt": {"url": f"mqtt://{info['mqtt_host']}:{info['mqtt_port']}"},
-        }
+        return {"database_url": info.database_url, "mqtt": {"url": info.mqtt_url}}
 
 
 def load_settings(**overrides: Any) -> Settings:

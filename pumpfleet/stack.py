@@ -1,0 +1,879 @@
+"""A local mosquitto + PostgreSQL stack run from the installed binaries, without Docker.
+
+Used by `pumpfleet stack up|down|status`, the test fixtures, benchmarks and the demo. Both servers
+run detached (their own session) so the stack outlives the command that started it; `stack.json`
+in the run directory records where they are, and `pumpfleet.settings` reads it to find them.
+
+PostgreSQL refuses to run as root. As root we run it as the `postgres` user; when that user cannot
+reach the run directory (e.g. under pytest's 0700 `/tmp/pytest-of-root`), its data directory lives
+in a separate directory owned by it, and `postgres.location` in the run directory points there.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import functools
+import grp
+import json
+import os
+import pwd
+import re
+import shutil
+import signal
+import socket
+import stat
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "ServiceStatus",
+    "StackError",
+    "StackInfo",
+    "StackStatus",
+    "create_database",
+    "down",
+    "drop_database",
+    "free_port",
+    "load",
+    "running_stack",
+    "start_broker",
+    "start_database",
+    "status",
+    "stop_broker",
+    "stop_database",
+    "up",
+]
+
+DEFAULT_RUN_DIR = Path(".pumpfleet")
+HOST = "127.0.0.1"
+PG_USER = "pumpfleet"
+PG_DATABASE = "pumpfleet"
+START_TIMEOUT_S = 60.0
+STOP_TIMEOUT_S = 60.0
+
+_STATE_FILE = "stack.json"
+_LOCK_FILE = "stack.lock"
+_PG_LOCATION_FILE = "postgres.location"
+_MOSQUITTO_CONF = "mosquitto.conf"
+_MOSQUITTO_LOG = "mosquitto.log"
+_MOSQUITTO_DATA = "mosquitto"
+_POSTGRES_LOG = "postgres.log"
+_POSTGRES_DATA = "postgres"
+_STATE_VERSION = 1
+
+# Looked in after PATH: Debian keeps mosquitto in sbin and the server binaries of PostgreSQL out
+# of PATH. Module attributes so tests can hide them.
+_MOSQUITTO_DIRS: tuple[str, ...] = ("/usr/sbin", "/usr/local/sbin", "/opt/homebrew/sbin")
+_PG_BIN_GLOBS: tuple[str, ...] = (
+    "/usr/lib/postgresql/*/bin",
+    "/usr/pgsql-*/bin",
+    "/opt/homebrew/opt/postgresql@*/bin",
+)
+_PG_TOOLS = ("initdb", "postgres", "pg_ctl", "pg_isready", "psql")
+_MOSQUITTO_HINT = "mosquitto not found: install it with `apt-get install mosquitto`"
+_POSTGRES_HINT = (
+    "PostgreSQL server binaries (initdb, postgres, pg_ctl) not found: "
+    "install them with `apt-get install postgresql`"
+)
+
+_IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
+
+# Servers started by this process: polled so they are reaped, not left as zombies that still
+# answer os.kill(pid, 0).
+_CHILDREN: dict[int, subprocess.Popen[bytes]] = {}
+
+
+class StackError(Exception):
+    """A problem the user can fix; the message is one line that says how."""
+
+
+@dataclass(frozen=True)
+class StackInfo:
+    """Where a running stack listens; enough to connect, nothing about processes."""
+
+    run_dir: Path
+    mqtt_host: str
+    mqtt_port: int
+    pg_host: str
+    pg_port: int
+    pg_user: str
+    pg_database: str
+
+    @property
+    def mqtt_url(self) -> str:
+        return f"mqtt://{self.mqtt_host}:{self.mqtt_port}"
+
+    @property
+    def database_url(self) -> str:
+        return self.database_url_for(self.pg_database)
+
+    def database_url_for(self, database: str) -> str:
+        return f"postgresql://{self.pg_user}@{self.pg_host}:{self.pg_port}/{database}"
+
+    def to_env(self) -> dict[str, str]:
+        """Variables for child processes. `PUMPFLEET_MQTT__URL` is the spelling that
+        `pumpfleet.settings` reads (nested with `__`); `PUMPFLEET_MQTT_URL` is kept for scripts."""
+        return {
+            "PUMPFLEET_DATABASE_URL": self.database_url,
+            "PUMPFLEET_MQTT__URL": self.mqtt_url,
+            "PUMPFLEET_MQTT_URL": self.mqtt_url,
+        }
+
+
+@dataclass(frozen=True)
+class ServiceStatus:
+    name: str
+    running: bool
+    pid: int | None
+    port: int | None
+    url: str | None
+    log: Path
+
+    def line(self) -> str:
+        state = f"running (pid {self.pid})" if self.running else "stopped"
+        where = self.url or "-"
+        return f"{self.name:<11} {state:<22} {where}  log {self.log}"
+
+
+@dataclass(frozen=True)
+class StackStatus:
+    run_dir: Path
+    mqtt: ServiceStatus
+    postgres: ServiceStatus
+
+    @property
+    def running(self) -> bool:
+        return self.mqtt.running and self.postgres.running
+
+    def lines(self) -> list[str]:
+        return [self.mqtt.line(), self.postgres.line(), f"{'run dir':<11} {self.run_dir}"]
+
+    def to_dict(self) -> dict[str, Any]:
+        def service(s: ServiceStatus) -> dict[str, Any]:
+            return {
+                "running": s.running,
+                "pid": s.pid,
+                "port": s.port,
+                "url": s.url,
+                "log": str(s.log),
+            }
+
+        return {
+            "run_dir": str(self.run_dir),
+            "running": self.running,
+            "mqtt": service(self.mqtt),
+            "postgres": service(self.postgres),
+        }
+
+
+# public API -------------------------------------------------------------------------------------
+
+
+def free_port(host: str = HOST) -> int:
+    """A port nobody listens on right now; another process may still take it before we do."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def up(run_dir: Path = DEFAULT_RUN_DIR, *, timeout: float = START_TIMEOUT_S) -> StackInfo:
+    """Start what is not running and return where it listens; a running stack is left alone.
+
+    A server that is not running restarts on its recorded port when that is free, so URLs that
+    were handed out stay valid; otherwise it gets a fresh port.
+    """
+    run_dir = Path(run_dir).absolute()
+    mosquitto = _find_mosquitto()
+    pg_bin = _find_pg_bin()
+    account = _postgres_account()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with _locked(run_dir):
+        state = _read_state(run_dir) or {}
+        mqtt_alive = _alive(state.get("mqtt_pid"), "mosquitto")
+        pg_alive = _alive(state.get("pg_pid"), "postgres")
+        if state and mqtt_alive and pg_alive:
+            return _info(state)
+        data_dir = _pg_data_dir(run_dir, account, state.get("pg_data_dir"))
+        started: list[Callable[[], None]] = []
+        try:
+            if not pg_alive:
+                port, pid = _start_with_port_retry(
+                    state.get("pg_port"),
+                    lambda p: _start_postgres(pg_bin, data_dir, run_dir, p, account, timeout),
+                )
+                state.update(pg_port=port, pg_pid=pid)
+                started.append(
+                    functools.partial(_stop_postgres, pg_bin, data_dir, pid, account, timeout)
+                )
+                _ensure_database(pg_bin, port, PG_DATABASE)
+            if not mqtt_alive:
+                avoid = state["pg_port"]
+                port, pid = _start_with_port_retry(
+                    state.get("mqtt_port"),
+                    lambda p: _start_mosquitto(mosquitto, run_dir, p, timeout),
+                    avoid=avoid,
+                )
+                state.update(mqtt_port=port, mqtt_pid=pid)
+                started.append(functools.partial(_stop_pid, pid, "mosquitto", timeout))
+        except BaseException:
+            for stop in reversed(started):
+                with contextlib.suppress(Exception):
+                    stop()
+            raise
+        state.update(
+            version=_STATE_VERSION,
+            run_dir=str(run_dir),
+            mqtt_host=HOST,
+            pg_host=HOST,
+            pg_user=PG_USER,
+            pg_database=PG_DATABASE,
+            pg_data_dir=str(data_dir),
+            pg_bin_dir=str(pg_bin),
+            mosquitto_bin=str(mosquitto),
+            mosquitto_log=str(run_dir / _MOSQUITTO_LOG),
+            postgres_log=str(run_dir / _POSTGRES_LOG),
+        )
+        _write_state(run_dir, state)
+        return _info(state)
+
+
+def down(
+    run_dir: Path = DEFAULT_RUN_DIR, *, purge: bool = False, timeout: float = STOP_TIMEOUT_S
+) -> None:
+    """Stop both servers and forget the state file; `purge` also deletes broker and database data.
+
+    Mosquitto gets SIGTERM so it writes its persistence file; PostgreSQL a fast shutdown.
+    """
+    run_dir = Path(run_dir).absolute()
+    if not run_dir.is_dir():
+        return
+    with _locked(run_dir):
+        state = _read_state(run_dir) or {}
+        _stop_pid(state.get("mqtt_pid"), "mosquitto", timeout)
+        data_dir = _known_pg_data_dir(run_dir, state)
+        pg_bin = Path(state["pg_bin_dir"]) if "pg_bin_dir" in state else _find_pg_bin_or_none()
+        if data_dir is not None and pg_bin is not None:
+            _stop_postgres(pg_bin, data_dir, state.get("pg_pid"), _postgres_account(), timeout)
+        else:
+            _stop_pid(state.get("pg_pid"), "postgres", timeout)
+        (run_dir / _STATE_FILE).unlink(missing_ok=True)
+        if purge:
+            if data_dir is not None:
+                shutil.rmtree(data_dir, ignore_errors=True)
+            for name in (_MOSQUITTO_DATA, _POSTGRES_DATA):
+                shutil.rmtree(run_dir / name, ignore_errors=True)
+            for name in (_PG_LOCATION_FILE, _MOSQUITTO_CONF, _MOSQUITTO_LOG, _POSTGRES_LOG):
+                (run_dir / name).unlink(missing_ok=True)
+    if purge:
+        (run_dir / _LOCK_FILE).unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            run_dir.rmdir()  # only if nothing else of the user's is in it
+
+
+def status(run_dir: Path = DEFAULT_RUN_DIR) -> StackStatus:
+    """What runs, from the state file checked against the live processes."""
+    run_dir = Path(run_dir).absolute()
+    state = _read_state(run_dir) or {}
+    mqtt_pid, pg_pid = state.get("mqtt_pid"), state.get("pg_pid")
+    mqtt_port, pg_port = state.get("mqtt_port"), state.get("pg_port")
+    info = _info(state) if state else None
+    return StackStatus(
+        run_dir=run_dir,
+        mqtt=ServiceStatus(
+            name="mosquitto",
+            running=_alive(mqtt_pid, "mosquitto"),
+            pid=mqtt_pid,
+            port=mqtt_port,
+            url=info.mqtt_url if info else None,
+            log=run_dir / _MOSQUITTO_LOG,
+        ),
+        postgres=ServiceStatus(
+            name="postgresql",
+            running=_alive(pg_pid, "postgres"),
+            pid=pg_pid,
+            port=pg_port,
+            url=info.database_url if info else None,
+            log=run_dir / _POSTGRES_LOG,
+        ),
+    )
+
+
+def load(run_dir: Path = DEFAULT_RUN_DIR) -> StackInfo | None:
+    """The running stack in `run_dir`, or None when there is none or a server has died."""
+    state = _read_state(Path(run_dir).absolute())
+    if not state:
+        return None
+    if _alive(state.get("mqtt_pid"), "mosquitto") and _alive(state.get("pg_pid"), "postgres"):
+        return _info(state)
+    return None
+
+
+@contextlib.contextmanager
+def running_stack(run_dir: Path, *, purge: bool = False) -> Iterator[StackInfo]:
+    """A stack for the duration of a block, stopped however the block ends."""
+    info = up(run_dir)
+    try:
+        yield info
+    finally:
+        down(run_dir, purge=purge)
+
+
+def stop_broker(info: StackInfo, *, timeout: float = STOP_TIMEOUT_S) -> None:
+    """Stop mosquitto cleanly (it saves queued messages), keeping the rest of the stack."""
+    with _locked(info.run_dir):
+        state = _require_state(info)
+        _stop_pid(state.get("mqtt_pid"), "mosquitto", timeout)
+        state["mqtt_pid"] = None
+        _write_state(info.run_dir, state)
+
+
+def start_broker(info: StackInfo, *, timeout: float = START_TIMEOUT_S) -> None:
+    """Start mosquitto again on the same port with the same persistence file."""
+    with _locked(info.run_dir):
+        state = _require_state(info)
+        if _alive(state.get("mqtt_pid"), "mosquitto"):
+            return
+        _require_free(info.mqtt_port, "mosquitto", info.run_dir / _MOSQUITTO_LOG)
+        mosquitto = Path(state.get("mosquitto_bin") or _find_mosquitto())
+        state["mqtt_pid"] = _start_mosquitto(mosquitto, info.run_dir, info.mqtt_port, timeout)
+        _write_state(info.run_dir, state)
+
+
+def stop_database(info: StackInfo, *, timeout: float = STOP_TIMEOUT_S) -> None:
+    """Fast-stop PostgreSQL (open sessions are cut), keeping its data and the broker."""
+    with _locked(info.run_dir):
+        state = _require_state(info)
+        _stop_postgres(
+            Path(state["pg_bin_dir"]),
+            Path(state["pg_data_dir"]),
+            state.get("pg_pid"),
+            _postgres_account(),
+            timeout,
+        )
+        state["pg_pid"] = None
+        _write_state(info.run_dir, state)
+
+
+def start_database(info: StackInfo, *, timeout: float = START_TIMEOUT_S) -> None:
+    """Start PostgreSQL again on the same port and data directory."""
+    with _locked(info.run_dir):
+        state = _require_state(info)
+        if _alive(state.get("pg_pid"), "postgres"):
+            return
+        _require_free(info.pg_port, "postgres", info.run_dir / _POSTGRES_LOG)
+        state["pg_pid"] = _start_postgres(
+            Path(state["pg_bin_dir"]),
+            Path(state["pg_data_dir"]),
+            info.run_dir,
+            info.pg_port,
+            _postgres_account(),
+            timeout,
+        )
+        _write_state(info.run_dir, state)
+
+
+def create_database(info: StackInfo, name: str) -> str:
+    """Create an empty database (e.g. one per test) and return its URL."""
+    _check_identifier(name)
+    _psql(_pg_bin_for(info), info.pg_port, f'CREATE DATABASE "{name}"')
+    return info.database_url_for(name)
+
+
+def drop_database(info: StackInfo, name: str) -> None:
+    """Drop a database even while clients are still connected to it."""
+    _check_identifier(name)
+    _psql(_pg_bin_for(info), info.pg_port, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+# binaries and accounts --------------------------------------------------------------------------
+
+
+def _find_mosquitto() -> Path:
+    found = shutil.which("mosquitto") or shutil.which(
+        "mosquitto", path=os.pathsep.join(_MOSQUITTO_DIRS)
+    )
+    if not found:
+        raise StackError(_MOSQUITTO_HINT)
+    return Path(found)
+
+
+def _has_pg_tools(directory: Path) -> bool:
+    return all(os.access(directory / tool, os.X_OK) for tool in _PG_TOOLS)
+
+
+def _find_pg_bin_or_none() -> Path | None:
+    # PATH first (a deliberate choice of version), then the newest installed major version.
+    on_path = shutil.which("initdb")
+    if on_path and _has_pg_tools(Path(on_path).resolve().parent):
+        return Path(on_path).resolve().parent
+    candidates: list[Path] = []
+    for pattern in _PG_BIN_GLOBS:
+        root = Path(pattern).anchor
+        candidates += [p for p in Path(root).glob(pattern.lstrip("/")) if _has_pg_tools(p)]
+
+    def version(path: Path) -> tuple[int, ...]:
+        return tuple(int(n) for n in re.findall(r"\d+", str(path))) or (0,)
+
+    return max(candidates, key=version, default=None)
+
+
+def _find_pg_bin() -> Path:
+    found = _find_pg_bin_or_none()
+    if found is None:
+        raise StackError(_POSTGRES_HINT)
+    return found
+
+
+def _pg_bin_for(info: StackInfo) -> Path:
+    state = _read_state(info.run_dir) or {}
+    return Path(state["pg_bin_dir"]) if "pg_bin_dir" in state else _find_pg_bin()
+
+
+@dataclass(frozen=True)
+class _Account:
+    name: str
+    uid: int
+    gid: int
+    home: str
+
+
+def _postgres_account() -> _Account | None:
+    """The user PostgreSQL runs as, or None to run it as ourselves (it refuses root)."""
+    if os.geteuid() != 0:
+        return None
+    try:
+        pw = pwd.getpwnam("postgres")
+    except KeyError:
+        raise StackError(
+            "PostgreSQL will not run as root and there is no `postgres` user: run as a normal "
+            "user, or create it with `apt-get install postgresql`"
+        ) from None
+    return _Account(pw.pw_name, pw.pw_uid, pw.pw_gid, pw.pw_dir)
+
+
+def _can_traverse(path: Path, account: _Account) -> bool:
+    """Whether `account` can reach `path`: each directory on the way needs its x bit."""
+    gids = {account.gid} | {g.gr_gid for g in grp.getgrall() if account.name in g.gr_mem}
+    for directory in [*reversed(path.parents), path]:
+        try:
+            st = directory.stat()
+        except OSError:
+            return False
+        if st.st_uid == account.uid:
+            bit = stat.S_IXUSR
+        elif st.st_gid in gids:
+            bit = stat.S_IXGRP
+        else:
+            bit = stat.S_IXOTH
+        if not st.st_mode & bit:
+            return False
+    return True
+
+
+def _known_pg_data_dir(run_dir: Path, state: dict[str, Any]) -> Path | None:
+    if "pg_data_dir" in state:
+        return Path(state["pg_data_dir"])
+    pointer = run_dir / _PG_LOCATION_FILE
+    if pointer.is_file():
+        return Path(pointer.read_text().strip())
+    local = run_dir / _POSTGRES_DATA
+    return local if local.is_dir() else None
+
+
+def _pg_data_dir(run_dir: Path, account: _Account | None, recorded: str | None) -> Path:
+    """Where PostgreSQL keeps its data: in the run dir when its user can reach it, else beside.
+
+    A separate directory (recorded in `postgres.location`) beats loosening the permissions of
+    directories we do not own, such as /root or pytest's 0700 base directory.
+    """
+    pointer = run_dir / _PG_LOCATION_FILE
+    if recorded:
+        data = Path(recorded)
+    elif pointer.is_file():
+        data = Path(pointer.read_text().strip())
+    elif account is None or _can_traverse(run_dir.resolve(), account):
+        data = run_dir / _POSTGRES_DATA
+    else:
+        bases = [tempfile.gettempdir(), "/var/tmp", "/tmp"]
+        base = next((b for b in bases if _can_traverse(Path(b).resolve(), account)), None)
+        if base is None:
+            raise StackError(
+                f"user {account.name} cannot reach {run_dir} nor a temporary directory: "
+                "use a run directory every user can traverse"
+            )
+        data = Path(tempfile.mkdtemp(prefix="pumpfleet-pgdata-", dir=base))
+        tmp = pointer.with_suffix(".tmp")
+        tmp.write_text(f"{data}\n")
+        tmp.replace(pointer)
+    data.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if account is not None:
+        os.chown(data, account.uid, account.gid)
+    data.chmod(0o700)
+    return data
+
+
+# processes --------------------------------------------------------------------------------------
+
+
+def _clean_env(account: _Account | None = None) -> dict[str, str]:
+    # libpq and the server read PG* variables; a developer's own settings must not leak in.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+    env["PGCONNECT_TIMEOUT"] = "5"
+    if account is not None:
+        env.update(HOME=account.home, USER=account.name, LOGNAME=account.name)
+    return env
+
+
+def _spawn(
+    argv: list[str], log: Path, account: _Account | None, cwd: Path
+) -> subprocess.Popen[bytes]:
+    """Start a server in its own session, so Ctrl-C in the caller's terminal does not reach it."""
+    with open(log, "ab") as out:
+        extra: dict[str, Any] = {}
+        if account is not None:
+            extra = {"user": account.uid, "group": account.gid, "extra_groups": []}
+        proc = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            cwd=cwd,
+            env=_clean_env(account),
+            start_new_session=True,
+            **extra,
+        )
+    _CHILDREN[proc.pid] = proc
+    return proc
+
+
+def _run(
+    argv: list[str], account: _Account | None, cwd: Path, timeout: float
+) -> subprocess.CompletedProcess[str]:
+    extra: dict[str, Any] = {}
+    if account is not None:
+        extra = {"user": account.uid, "group": account.gid, "extra_groups": []}
+    return subprocess.run(
+        argv,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env=_clean_env(account),
+        timeout=timeout,
+        check=False,
+        **extra,
+    )
+
+
+def _alive(pid: int | None, name: str) -> bool:
+    """Whether `pid` is a live `name` process; a stale state file may name a reused pid."""
+    if not pid:
+        return False
+    child = _CHILDREN.get(pid)
+    if child is not None:
+        if child.poll() is None:
+            return True
+        del _CHILDREN[pid]
+        return False
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, PermissionError):
+        return False
+    proc = Path(f"/proc/{pid}")
+    if not Path("/proc/self").exists():
+        return True  # no procfs: trust the pid
+    try:
+        status_line = (proc / "stat").read_text()
+        cmdline = (proc / "cmdline").read_bytes()
+    except OSError:
+        return False
+    if status_line.rpartition(")")[2].split()[0] in ("Z", "X"):
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, os.WNOHANG)
+        return False
+    return name.encode() in cmdline
+
+
+def _wait_gone(pid: int, name: str, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    child = _CHILDREN.get(pid)
+    if child is not None:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            child.wait(timeout)
+    while _alive(pid, name):
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+def _stop_pid(pid: int | None, name: str, timeout: float) -> None:
+    """SIGTERM, then SIGKILL if it has not gone by the deadline."""
+    if pid is None or not _alive(pid, name):
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGTERM)
+    if _wait_gone(pid, name, timeout):
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+    _wait_gone(pid, name, 10.0)
+
+
+def _port_free(port: int) -> bool:
+    # SO_REUSEADDR like the servers themselves: only a listener, not TIME_WAIT, blocks them.
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((HOST, port))
+        except OSError:
+            return False
+        return True
+
+
+def _require_free(port: int, name: str, log: Path) -> None:
+    if not _port_free(port):
+        raise StackError(f"cannot start {name}: port {port} on {HOST} is in use (log: {log})")
+
+
+class _ExitedEarly(StackError):
+    """The server exited while starting, often because another process took its port."""
+
+
+def _start_with_port_retry(
+    recorded: int | None, start: Callable[[int], int], *, avoid: int | None = None
+) -> tuple[int, int]:
+    """Start on the recorded port if free, else on fresh ports, retrying a lost port race."""
+    ports: list[int] = []
+    if recorded and recorded != avoid and _port_free(recorded):
+        ports.append(recorded)
+    while len(ports) < 3:
+        port = free_port()
+        if port != avoid and port not in ports:
+            ports.append(port)
+    for attempt, port in enumerate(ports):
+        try:
+            return port, start(port)
+        except _ExitedEarly:
+            if attempt == len(ports) - 1 or _port_free(port):
+                raise  # not a port race: retrying cannot help
+    raise AssertionError("unreachable")
+
+
+def _wait_ready(
+    proc: subprocess.Popen[bytes], ready: Callable[[], bool], name: str, log: Path, timeout: float
+) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            _CHILDREN.pop(proc.pid, None)
+            raise _ExitedEarly(
+                f"{name} exited with status {proc.returncode} while starting; read {log}"
+            )
+        if ready():
+            if proc.poll() is None:  # not someone else answering on our port
+                return
+            continue
+        if time.monotonic() >= deadline:
+            raise StackError(f"{name} did not become ready within {timeout:.0f}s; read {log}")
+        time.sleep(0.05)
+
+
+# mosquitto --------------------------------------------------------------------------------------
+
+
+def _mosquitto_conf(run_dir: Path, port: int) -> str:
+    """Settings for a subscriber that may be away for a long time and then drain fast.
+
+    Stock mosquitto keeps only 1000 queued QoS 1 messages per offline client and drops the
+    rest silently; an ingester that is down for minutes would lose data. The queue is capped
+    by count only (10 million) so a fleet backlog survives an outage. The in-flight window is
+    unlimited so a returning subscriber is not throttled to 20 unacknowledged messages; MQTT 5
+    clients still bound it with their receive maximum. Payload size is checked by the ingester
+    (so oversized messages reach it and are dead-lettered visibly), hence no broker limit
+    (max_packet_size is left at its default, unlimited).
+    """
+    lines = [
+        "# Written by `pumpfleet stack up`; rewritten on every start.",
+        f"listener {port} {HOST}",
+        "allow_anonymous true",
+        "persistence true",
+        f"persistence_location {run_dir / _MOSQUITTO_DATA}/",
+        "autosave_interval 30",
+        "persistent_client_expiration 14d",
+        "max_queued_messages 10000000",
+        "max_queued_bytes 0",
+        "max_inflight_messages 0",
+        "max_inflight_bytes 0",
+        "set_tcp_nodelay true",
+        f"log_dest file {run_dir / _MOSQUITTO_LOG}",
+        "log_timestamp_format %Y-%m-%dT%H:%M:%S",
+    ]
+    if os.geteuid() == 0:
+        # As root mosquitto switches to user `mosquitto`, which cannot write to our run dir.
+        lines.append("user root")
+    return "\n".join(lines) + "\n"
+
+
+def _start_mosquitto(mosquitto: Path, run_dir: Path, port: int, timeout: float) -> int:
+    (run_dir / _MOSQUITTO_DATA).mkdir(exist_ok=True)
+    conf = run_dir / _MOSQUITTO_CONF
+    conf.write_text(_mosquitto_conf(run_dir, port))
+    log = run_dir / _MOSQUITTO_LOG
+    proc = _spawn([str(mosquitto), "-c", str(conf)], log, None, run_dir)
+
+    def accepting() -> bool:
+        try:
+            with socket.create_connection((HOST, port), timeout=1.0):
+                return True
+        except OSError:
+            return False
+
+    try:
+        _wait_ready(proc, accepting, "mosquitto", log, timeout)
+    except BaseException:
+        _stop_pid(proc.pid, "mosquitto", 5.0)
+        raise
+    return proc.pid
+
+
+# postgres ---------------------------------------------------------------------------------------
+
+_PG_CONF = f"""
+# --- pumpfleet stack (appended by `pumpfleet stack up`) ---
+listen_addresses = '{HOST}'
+unix_socket_directories = ''   # TCP only: no socket path length or permission trouble
+max_connections = 200
+shared_buffers = 256MB
+synchronous_commit = on
+"""
+
+
+def _initdb(pg_bin: Path, data: Path, log: Path, account: _Account | None, timeout: float) -> None:
+    if (data / "PG_VERSION").exists():
+        return
+    argv = [
+        str(pg_bin / "initdb"),
+        "-D",
+        str(data),
+        "-U",
+        PG_USER,
+        "--auth=trust",  # pg_hba only admits loopback; listen_addresses is 127.0.0.1 as well
+        "--encoding=UTF8",
+        "--locale=C",
+    ]
+    result = _run(argv, account, data, timeout)
+    with open(log, "a") as out:
+        out.write(result.stdout + result.stderr)
+    if result.returncode != 0:
+        raise StackError(f"initdb failed in {data} (exit {result.returncode}); read {log}")
+    with open(data / "postgresql.conf", "a") as conf:
+        conf.write(_PG_CONF)
+
+
+def _start_postgres(
+    pg_bin: Path, data: Path, run_dir: Path, port: int, account: _Account | None, timeout: float
+) -> int:
+    log = run_dir / _POSTGRES_LOG
+    _initdb(pg_bin, data, log, account, timeout)
+    proc = _spawn([str(pg_bin / "postgres"), "-D", str(data), "-p", str(port)], log, account, data)
+
+    def accepting() -> bool:
+        argv = [str(pg_bin / "pg_isready"), "-q", "-h", HOST, "-p", str(port), "-t", "1"]
+        return _run([*argv, "-U", PG_USER, "-d", "postgres"], None, run_dir, 10).returncode == 0
+
+    try:
+        _wait_ready(proc, accepting, "postgres", log, timeout)
+    except BaseException:
+        _stop_postgres(pg_bin, data, proc.pid, account, 10.0)
+        raise
+    return proc.pid
+
+
+def _stop_postgres(
+    pg_bin: Path, data: Path, pid: int | None, account: _Account | None, timeout: float
+) -> None:
+    """pg_ctl's fast shutdown (it finds the server from postmaster.pid, even one we lost)."""
+    if (data / "postmaster.pid").exists():
+        argv = [str(pg_bin / "pg_ctl"), "stop", "-D", str(data), "-m", "fast", "-w"]
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            _run([*argv, "-t", str(int(timeout))], account, data, timeout + 5)
+    if pid is not None:
+        _stop_pid(pid, "postgres", timeout)
+
+
+def _psql(pg_bin: Path, port: int, sql: str, database: str = "postgres") -> str:
+    argv = [str(pg_bin / "psql"), "-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1"]
+    argv += ["-h", HOST, "-p", str(port), "-U", PG_USER, "-d", database, "-c", sql]
+    result = _run(argv, None, Path("/"), 60)
+    if result.returncode != 0:
+        error = (result.stderr.strip().splitlines() or ["no output"])[-1]
+        raise StackError(f"psql failed on port {port}: {error}")
+    return result.stdout.strip()
+
+
+def _ensure_database(pg_bin: Path, port: int, name: str) -> None:
+    _check_identifier(name)
+    if not _psql(pg_bin, port, f"SELECT 1 FROM pg_database WHERE datname = '{name}'"):
+        _psql(pg_bin, port, f'CREATE DATABASE "{name}"')
+
+
+def _check_identifier(name: str) -> None:
+    if not _IDENTIFIER.fullmatch(name):
+        raise StackError(f"bad database name {name!r}: use letters, digits and _ (at most 63)")
+
+
+# state ------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _locked(run_dir: Path) -> Iterator[None]:
+    """One stack operation at a time per run dir (e.g. parallel test workers calling up)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / _LOCK_FILE, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _read_state(run_dir: Path) -> dict[str, Any] | None:
+    try:
+        state = json.loads((run_dir / _STATE_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return state if isinstance(state, dict) else None
+
+
+def _write_state(run_dir: Path, state: dict[str, Any]) -> None:
+    # Replaced atomically: settings.py and other shells read it at any moment.
+    tmp = run_dir / f".{_STATE_FILE}.tmp"
+    tmp.write_text(json.dumps(state, indent=2, sort_keys=True) + "\n")
+    tmp.replace(run_dir / _STATE_FILE)
+
+
+def _require_state(info: StackInfo) -> dict[str, Any]:
+    state = _read_state(info.run_dir)
+    if not state:
+        raise StackError(f"no stack in {info.run_dir}: start it with `pumpfleet stack up`")
+    return state
+
+
+def _info(state: dict[str, Any]) -> StackInfo:
+    return StackInfo(
+        run_dir=Path(state["run_dir"]),
+        mqtt_host=state["mqtt_host"],
+        mqtt_port=int(state["mqtt_port"]),
+        pg_host=state["pg_host"],
+        pg_port=int(state["pg_port"]),
+        pg_user=state["pg_user"],
+        pg_database=state["pg_database"],
+    )

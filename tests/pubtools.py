@@ -1,0 +1,125 @@
+"""Test-side helpers: publish pump messages at QoS 1 and wait for conditions with deadlines."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import urllib.parse
+import uuid
+from collections.abc import Awaitable, Callable, Iterable
+from datetime import UTC, datetime, timedelta
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+
+from pumpfleet import contract
+
+BASE_TIME = datetime.now(UTC).replace(microsecond=0) - timedelta(days=1)
+
+
+def telemetry(pump_id: str, seq: int, **over: object) -> bytes:
+    """A valid telemetry payload; `over` replaces fields (may make it invalid on purpose)."""
+    body: dict[str, object] = {
+        "v": 1,
+        "pump_id": pump_id,
+        "time": (BASE_TIME + timedelta(seconds=seq)).isoformat(),
+        "seq": seq,
+        "delivered_ul_per_h": 10.4,
+        "programmed_rate_ul_per_h": 10.4,
+        "programmed_dose_mcg_per_day": 500.0,
+        "reservoir_ml": 15.0 - seq * 1e-4,
+        "reservoir_capacity_ml": 20.0,
+        "low_reservoir_alarm_ml": 2.0,
+        "concentration_mcg_per_ml": 2000.0,
+        "battery_pct": 80.0,
+        "battery_eri": False,
+        "pump_state": "infusing",
+        "alarms": [],
+    }
+    body.update(over)
+    import json
+
+    return json.dumps(body).encode()
+
+
+def stream(pumps: int, per_pump: int, start_seq: int = 0) -> list[tuple[str, bytes]]:
+    """(topic, payload) for `per_pump` consecutive telemetry messages of each pump, interleaved."""
+    out = []
+    for seq in range(start_seq, start_seq + per_pump):
+        for p in range(pumps):
+            pump_id = f"T-{p:05d}"
+            out.append((contract.topic(pump_id, "telemetry"), telemetry(pump_id, seq)))
+    return out
+
+
+class Publisher:
+    """A QoS 1 publisher that can wait until the broker acknowledged everything it sent."""
+
+    def __init__(self, mqtt_url: str, client_id: str | None = None) -> None:
+        url = urllib.parse.urlsplit(mqtt_url)
+        self.client = mqtt.Client(
+            callback_api_version=CallbackAPIVersion.VERSION2,
+            client_id=client_id or f"test-pub-{uuid.uuid4().hex[:8]}",
+            protocol=mqtt.MQTTv5,
+        )
+        self.client.max_inflight_messages_set(1000)
+        self.client.max_queued_messages_set(0)
+        self.client.reconnect_delay_set(0.1, 1)
+        self.client.connect(url.hostname or "127.0.0.1", url.port or 1883)
+        self.client.loop_start()
+        self.infos: list[mqtt.MQTTMessageInfo] = []
+
+    def publish(self, messages: Iterable[tuple[str, bytes]], retain: bool = False) -> None:
+        for topic_name, payload in messages:
+            self.infos.append(self.client.publish(topic_name, payload, qos=1, retain=retain))
+
+    def wait_acked(self, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        for info in self.infos:
+            left = deadline - time.monotonic()
+            if left <= 0 or not _wait_info(info, left):
+                done = sum(i.is_published() for i in self.infos)
+                raise TimeoutError(f"broker acknowledged {done}/{len(self.infos)} publishes")
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+def _wait_info(info: mqtt.MQTTMessageInfo, timeout: float) -> bool:
+    try:
+        info.wait_for_publish(timeout)
+    except RuntimeError:  # not yet sent while reconnecting; keep waiting
+        deadline = time.monotonic() + timeout
+        while not info.is_published() and time.monotonic() < deadline:
+            time.sleep(0.01)
+    return info.is_published()
+
+
+def forget_session(mqtt_url: str, client_id: str) -> None:
+    """Remove a persistent session from the broker so it stops queueing for a finished test."""
+    url = urllib.parse.urlsplit(mqtt_url)
+    client = mqtt.Client(
+        callback_api_version=CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5
+    )
+    client.connect(url.hostname or "127.0.0.1", url.port or 1883, clean_start=True)
+    client.loop_start()
+    deadline = time.monotonic() + 5
+    while not client.is_connected() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    client.disconnect()
+    client.loop_stop()
+
+
+async def until(
+    check: Callable[[], Awaitable[object]], timeout: float = 30.0, what: str = "condition"
+) -> object:
+    """Poll an async check until it returns something truthy, or fail after the deadline."""
+    deadline = time.monotonic() + timeout
+    last: object = None
+    while time.monotonic() < deadline:
+        last = await check()
+        if last:
+            return last
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}; last value {last!r}")

@@ -1,0 +1,372 @@
+"""The ingester: every pump message from the broker into the database, nothing lost or doubled.
+
+paho-mqtt's network thread receives and validates each message and appends it to the open
+batch; an asyncio task writes batches with asyncpg and only then acknowledges (PUBACK) every
+message of the batch, in the order received. aiomqtt cannot acknowledge by hand, paho-mqtt 2.x
+can (`manual_ack`).
+
+Memory is bounded by the MQTT 5 Receive Maximum we send at connect: the broker never has more
+than that many unacknowledged messages out to us, so while the database is down the backlog
+waits in the broker's persistent session, not here.
+
+A PUBACK names a packet id that is only meaningful on the connection that delivered the message.
+Every message remembers its connection's generation; after a reconnect the broker redelivers the
+unacknowledged ones and storage drops the copies, so stale ids are never acknowledged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import threading
+import time
+import urllib.parse
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import asyncpg
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from ingest import metrics
+from ingest.store import DeadLetter, WriteResult, write_batch
+from pumpfleet import contract
+from pumpfleet.contract import Message
+from pumpfleet.settings import Settings
+
+log = logging.getLogger("pumpfleet.ingest")
+
+OnCommit = Callable[[Sequence[Message]], Awaitable[None]]
+"""Receives each committed, first-seen message once, in per-pump order (the alert engine)."""
+
+SESSION_EXPIRY_S = 7 * 24 * 3600
+"""The broker keeps our session (and queues for it) this long while we are away."""
+
+
+@dataclass(slots=True)
+class _Item:
+    gen: int
+    mid: int
+    qos: int
+    received: float
+    topic: str
+    payload: bytes | bytearray
+    msg: Message | None
+    dead: DeadLetter | None
+
+
+class Ingester:
+    """One ingester worker. `await run()` until `stop()`; safe to run several on one group."""
+
+    def __init__(self, settings: Settings, on_commit: OnCommit | None = None) -> None:
+        self.settings = settings
+        self.cfg = settings.ingest
+        self.on_commit = on_commit
+        self._lock = threading.Lock()
+        self._buf: list[_Item] = []
+        self._gen = 0
+        self._connected = threading.Event()
+        self._accepting = True
+        self._wake = asyncio.Event()
+        self._stopping = asyncio.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._known_pumps: set[str] = set()
+        self._db: asyncpg.Connection | None = None
+        self._db_ok = False
+        self._client = self._make_client()
+        self.stats = metrics.Stats()
+        self.metrics_port: int | None = None
+
+    # MQTT side (paho's network thread) ------------------------------------------------------
+
+    def _make_client(self) -> mqtt.Client:
+        m = self.settings.mqtt
+        client = mqtt.Client(
+            callback_api_version=CallbackAPIVersion.VERSION2,
+            client_id=self.cfg.client_id,
+            protocol=mqtt.MQTTv5,
+            manual_ack=True,
+        )
+        if m.username:
+            client.username_pw_set(
+                m.username, m.password.get_secret_value() if m.password else None
+            )
+        if m.tls_ca:
+            client.tls_set(
+                ca_certs=str(m.tls_ca),
+                certfile=str(m.tls_cert) if m.tls_cert else None,
+                keyfile=str(m.tls_key) if m.tls_key else None,
+            )
+        client.reconnect_delay_set(min_delay=1, max_delay=30)
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_pre_connect = self._on_pre_connect
+        client.on_message = self._on_message
+        client.on_subscribe = self._on_subscribe
+        return client
+
+    def _on_pre_connect(self, client: mqtt.Client, userdata: object) -> None:
+        with self._lock:
+            self._gen += 1
+
+    def _on_connect(
+        self,
+        client: mqtt.Client,
+        userdata: object,
+        flags: mqtt.ConnectFlags,
+        reason: mqtt.ReasonCode,
+        properties: Properties | None,
+    ) -> None:
+        if reason.is_failure:
+            log.error("broker refused connection", extra={"reason": str(reason)})
+            return
+        log.info("broker connected", extra={"session_present": flags.session_present})
+        if flags.session_present:
+            self._connected.set()
+        else:  # a new session: subscribe, and count as connected once the broker grants it
+            sub = contract.subscription(shared_group=self.cfg.shared_group)
+            client.subscribe(sub, qos=1)
+            log.info("subscribing", extra={"filter": sub})
+
+    def _on_subscribe(
+        self,
+        client: mqtt.Client,
+        userdata: object,
+        mid: int,
+        reasons: list[mqtt.ReasonCode],
+        properties: Properties | None,
+    ) -> None:
+        if any(r.is_failure for r in reasons):
+            log.error("subscription refused", extra={"reasons": ",".join(map(str, reasons))})
+            return
+        self._connected.set()
+
+    def _on_disconnect(
+        self,
+        client: mqtt.Client,
+        userdata: object,
+        flags: mqtt.DisconnectFlags,
+        reason: mqtt.ReasonCode,
+        properties: Properties | None,
+    ) -> None:
+        with self._lock:
+            self._gen += 1
+        self._connected.clear()
+        if not self._stopping.is_set():
+            log.warning("broker connection lost; reconnecting", extra={"reason": str(reason)})
+
+    def _on_message(self, client: mqtt.Client, userdata: object, message: mqtt.MQTTMessage) -> None:
+        if not self._accepting:
+            return  # shutting down: left unacknowledged, the broker redelivers it later
+        now = time.time()
+        payload = message.payload
+        try:
+            topic = message.topic
+        except UnicodeDecodeError:  # paho raises on a topic that is not UTF-8
+            topic = repr(message._topic)
+        try:
+            if len(payload) > self.cfg.max_payload_bytes:
+                raise contract.ContractError(
+                    f"payload: {len(payload)} bytes exceeds the {self.cfg.max_payload_bytes} limit"
+                )
+            msg = contract.decode(topic, payload)
+            item = _Item(0, message.mid, message.qos, now, topic, payload, msg, None)
+        except contract.ContractError as exc:
+            dead = DeadLetter(topic, bytes(payload), str(exc), datetime.fromtimestamp(now, UTC))
+            item = _Item(0, message.mid, message.qos, now, topic, payload, None, dead)
+        with self._lock:
+            item.gen = self._gen
+            self._buf.append(item)
+            full = len(self._buf) >= self.cfg.batch_max
+        if full and self._loop is not None:
+            self._loop.call_soon_threadsafe(self._wake.set)
+
+    # Database side (asyncio) ----------------------------------------------------------------
+
+    async def _connect_db(self) -> asyncpg.Connection:
+        delay = 0.5
+        while True:
+            try:
+                conn = await asyncpg.connect(
+                    self.settings.database_url.get_secret_value(),
+                    timeout=10,
+                    command_timeout=60,
+                )
+                rows = await conn.fetch("SELECT pump_id FROM pumps")
+                self._known_pumps = {r[0] for r in rows}
+                if not self._db_ok:
+                    log.info("database connected", extra={"known_pumps": len(self._known_pumps)})
+                self._db_ok = True
+                return conn
+            except (TimeoutError, OSError, asyncpg.PostgresError) as exc:
+                if self._db_ok or delay == 0.5:
+                    log.warning(
+                        "database unavailable; retrying",
+                        extra={"error": _one_line(exc), "retry_s": round(delay, 1)},
+                    )
+                self._db_ok = False
+                self.stats.db_errors += 1
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 10.0) * random.uniform(0.9, 1.1)
+
+    async def _write(self, batch: list[_Item]) -> WriteResult:
+        """Commit the batch, retrying with backoff until the database takes it."""
+        msgs = [i.msg for i in batch if i.msg is not None]
+        dead = [i.dead for i in batch if i.dead is not None]
+        delay = 0.2
+        while True:
+            if self._db is None or self._db.is_closed():
+                self._db = await self._connect_db()
+            unknown = {m.pump_id for m in msgs} - self._known_pumps
+            try:
+                register: set[str] = set()
+                if unknown:
+                    if self.cfg.unknown_pumps == "register":
+                        register = unknown
+                    else:
+                        msgs, dead = _dead_letter_unknown(batch, unknown)
+                started = time.perf_counter()
+                result = await write_batch(self._db, msgs, dead, register)
+                self.stats.observe_commit(time.perf_counter() - started)
+                if register:
+                    self._known_pumps |= register
+                    log.info(
+                        "pumps registered from their first message",
+                        extra={"pumps": ",".join(sorted(register))},
+                    )
+                return result
+            except (
+                TimeoutError,
+                OSError,
+                asyncpg.PostgresConnectionError,
+                asyncpg.InterfaceError,
+                asyncpg.CannotConnectNowError,
+            ) as exc:
+                log.warning(
+                    "batch write failed; retrying",
+                    extra={"error": _one_line(exc), "batch": len(batch)},
+                )
+                self.stats.db_errors += 1
+                self._db_ok = False
+                if self._db is not None:
+                    self._db.terminate()
+                self._db = None
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+    def _ack(self, batch: list[_Item]) -> int:
+        """Acknowledge what this connection delivered; return how many were stale."""
+        stale = 0
+        with self._lock:
+            gen = self._gen
+            for item in batch:
+                if item.gen == gen and item.qos > 0:
+                    self._client.ack(item.mid, item.qos)
+                elif item.gen != gen:
+                    stale += 1
+        return stale
+
+    async def _flush(self) -> int:
+        with self._lock:
+            batch, self._buf = self._buf, []
+        if not batch:
+            return 0
+        result = await self._write(batch)
+        stale = self._ack(batch)
+        now = time.time()
+        self.stats.observe_batch(batch, result, stale, now)
+        if self.on_commit is not None and result.new:
+            await self.on_commit(result.new)
+        return len(batch)
+
+    def pending(self) -> int:
+        with self._lock:
+            return len(self._buf)
+
+    # Lifecycle -------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Run until stop(): connect, then flush batches on size or on the time limit."""
+        self._loop = asyncio.get_running_loop()
+        self._db = await self._connect_db()
+        url = urllib.parse.urlsplit(self.settings.mqtt.url)
+        props = Properties(PacketTypes.CONNECT)
+        props.SessionExpiryInterval = SESSION_EXPIRY_S
+        props.ReceiveMaximum = min(self.cfg.max_pending, 65535)
+        self._client.connect_async(
+            url.hostname or "127.0.0.1",
+            url.port or (8883 if url.scheme == "mqtts" else 1883),
+            keepalive=self.settings.mqtt.keepalive_s,
+            clean_start=False,
+            properties=props,
+        )
+        self._client.loop_start()
+        server = await metrics.serve(self)
+        flush_s = self.cfg.flush_ms / 1000
+        try:
+            while not self._stopping.is_set():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), timeout=flush_s)
+                self._wake.clear()
+                await self._flush()
+            # Stop taking messages, commit and acknowledge what we hold, then leave.
+            self._accepting = False
+            await self._flush()
+        finally:
+            self._client.disconnect()
+            self._client.loop_stop()
+            if server is not None:
+                server.close()
+            if self._db is not None:
+                await self._db.close()
+            log.info("ingester stopped", extra=self.stats.summary())
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self._wake.set()
+
+    def healthy(self) -> tuple[bool, dict[str, object]]:
+        detail: dict[str, object] = {
+            "broker_connected": self._connected.is_set(),
+            "database_ok": self._db_ok,
+            "pending": self.pending(),
+        }
+        return bool(self._connected.is_set() and self._db_ok), detail
+
+    async def wait_connected(self, timeout: float = 10.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not self._connected.is_set():
+            if time.monotonic() > deadline:
+                raise TimeoutError("ingester did not connect to the broker")
+            await asyncio.sleep(0.02)
+
+
+def _dead_letter_unknown(
+    batch: list[_Item], unknown: set[str]
+) -> tuple[list[Message], list[DeadLetter]]:
+    msgs: list[Message] = []
+    dead = [i.dead for i in batch if i.dead is not None]
+    for item in batch:
+        if item.msg is None:
+            continue
+        if item.msg.pump_id in unknown:
+            dead.append(
+                DeadLetter(
+                    item.topic,
+                    bytes(item.payload),
+                    "pump_id: not in the pump registry (unknown_pumps=dead-letter)",
+                    datetime.fromtimestamp(item.received, UTC),
+                )
+            )
+        else:
+            msgs.append(item.msg)
+    return msgs, dead
+
+
+def _one_line(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}".splitlines()[0][:300]

@@ -1,0 +1,188 @@
+"""Writing one batch of decoded messages in one transaction.
+
+Telemetry and events go in with `INSERT ... SELECT FROM unnest(...) ON CONFLICT DO NOTHING
+RETURNING` (COPY has no ON CONFLICT): a redelivered message hits the (pump_id, time, seq) key and
+is dropped, and RETURNING says which rows are new, so only those reach the alert rules.
+Dead letters go in the same transaction, so one commit covers every message of the batch and
+the broker is acknowledged for all of them at once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+
+import asyncpg
+
+from pumpfleet import contract
+from pumpfleet.contract import Message, Status, Telemetry
+
+_TELEMETRY_SQL = """
+INSERT INTO telemetry (time, pump_id, seq, delivered_ul_per_h, programmed_rate_ul_per_h,
+    programmed_dose_mcg_per_day, reservoir_ml, reservoir_capacity_ml, low_reservoir_alarm_ml,
+    concentration_mcg_per_ml, battery_pct, battery_eri, pump_state, alarms)
+SELECT t, p, s, a1, a2, a3, a4, a5, a6, a7, a8, b, st, al::text[]
+FROM unnest($1::timestamptz[], $2::text[], $3::int8[], $4::float8[], $5::float8[], $6::float8[],
+            $7::float8[], $8::float8[], $9::float8[], $10::float8[], $11::float8[], $12::bool[],
+            $13::text[], $14::text[])
+     AS u(t, p, s, a1, a2, a3, a4, a5, a6, a7, a8, b, st, al)
+ON CONFLICT DO NOTHING
+RETURNING pump_id, seq
+"""
+
+_EVENTS_SQL = """
+INSERT INTO events (time, pump_id, seq, event, body)
+SELECT * FROM unnest($1::timestamptz[], $2::text[], $3::int8[], $4::text[], $5::jsonb[])
+ON CONFLICT DO NOTHING
+RETURNING pump_id, seq
+"""
+
+_STATUS_SQL = """
+INSERT INTO pump_status AS s (pump_id, online, reason, time, seq)
+SELECT * FROM unnest($1::text[], $2::bool[], $3::text[], $4::timestamptz[], $5::int8[])
+ON CONFLICT (pump_id) DO UPDATE
+    SET online = EXCLUDED.online, reason = EXCLUDED.reason, time = EXCLUDED.time,
+        seq = EXCLUDED.seq, received_at = now()
+    WHERE (s.time, s.seq) < (EXCLUDED.time, EXCLUDED.seq)
+RETURNING pump_id, seq
+"""
+
+_DEAD_LETTER_SQL = """
+INSERT INTO dead_letter (topic, payload, reason, pump_id, received_at)
+SELECT * FROM unnest($1::text[], $2::bytea[], $3::text[], $4::text[], $5::timestamptz[])
+"""
+
+_REGISTER_SQL = """
+INSERT INTO pumps (pump_id, reservoir_capacity_ml, concentration_mcg_per_ml,
+                   low_reservoir_alarm_ml, registered_by)
+SELECT p, c, k, coalesce(a, 2), 'ingest'
+FROM unnest($1::text[], $2::float4[], $3::float4[], $4::float4[]) AS u(p, c, k, a)
+ON CONFLICT (pump_id) DO NOTHING
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    topic: str
+    payload: bytes
+    reason: str
+    received_at: datetime
+
+    @property
+    def pump_id(self) -> str | None:
+        parts = self.topic.split("/")
+        return parts[1] if len(parts) == 3 and parts[0] == contract.TOPIC_ROOT else None
+
+
+@dataclass(slots=True)
+class WriteResult:
+    new: list[Message] = field(default_factory=list)
+    """Messages stored by this batch for the first time, in batch order."""
+    duplicates: int = 0
+    dead_letters: int = 0
+    registered: list[str] = field(default_factory=list)
+
+
+def _alarms_literal(alarms: Sequence[str]) -> str:
+    return "{" + ",".join(alarms) + "}"
+
+
+async def write_batch(
+    conn: asyncpg.Connection,
+    messages: Sequence[Message],
+    dead: Sequence[DeadLetter],
+    register: Iterable[str] = (),
+) -> WriteResult:
+    """Store one batch in one transaction; the caller acks the broker after this returns."""
+    result = WriteResult()
+    seen: set[tuple[str, int]] = set()
+    telemetry: list[Telemetry] = []
+    events: list[Message] = []
+    statuses: dict[str, Status] = {}
+    unique: list[Message] = []
+    for msg in messages:
+        key = (msg.pump_id, msg.seq)
+        if key in seen:  # the same message twice in one batch: QoS 1 redelivery
+            result.duplicates += 1
+            continue
+        seen.add(key)
+        unique.append(msg)
+        if isinstance(msg, Telemetry):
+            telemetry.append(msg)
+        elif isinstance(msg, Status):
+            prev = statuses.get(msg.pump_id)
+            if prev is None or (prev.time, prev.seq) < (msg.time, msg.seq):
+                statuses[msg.pump_id] = msg
+        else:
+            events.append(msg)
+
+    new_keys: set[tuple[str, int]] = set()
+    register_ids = sorted(set(register))
+    async with conn.transaction():
+        if register_ids:
+            first = {m.pump_id: m for m in reversed(telemetry)}
+            await conn.execute(
+                _REGISTER_SQL,
+                register_ids,
+                [first[p].reservoir_capacity_ml if p in first else None for p in register_ids],
+                [first[p].concentration_mcg_per_ml if p in first else None for p in register_ids],
+                [first[p].low_reservoir_alarm_ml if p in first else None for p in register_ids],
+            )
+            result.registered = register_ids
+        if telemetry:
+            rows = await conn.fetch(
+                _TELEMETRY_SQL,
+                [m.time for m in telemetry],
+                [m.pump_id for m in telemetry],
+                [m.seq for m in telemetry],
+                [m.delivered_ul_per_h for m in telemetry],
+                [m.programmed_rate_ul_per_h for m in telemetry],
+                [m.programmed_dose_mcg_per_day for m in telemetry],
+                [m.reservoir_ml for m in telemetry],
+                [m.reservoir_capacity_ml for m in telemetry],
+                [m.low_reservoir_alarm_ml for m in telemetry],
+                [m.concentration_mcg_per_ml for m in telemetry],
+                [m.battery_pct for m in telemetry],
+                [m.battery_eri for m in telemetry],
+                [m.pump_state.value for m in telemetry],
+                [_alarms_literal(m.alarms) for m in telemetry],
+            )
+            new_keys.update((r[0], r[1]) for r in rows)
+        if events:
+            rows = await conn.fetch(
+                _EVENTS_SQL,
+                [m.time for m in events],
+                [m.pump_id for m in events],
+                [m.seq for m in events],
+                [getattr(m, "event", "unknown") for m in events],
+                [m.model_dump_json() for m in events],
+            )
+            new_keys.update((r[0], r[1]) for r in rows)
+        if statuses:
+            st = list(statuses.values())
+            rows = await conn.fetch(
+                _STATUS_SQL,
+                [m.pump_id for m in st],
+                [m.online for m in st],
+                [m.reason for m in st],
+                [m.time for m in st],
+                [m.seq for m in st],
+            )
+            new_keys.update((r[0], r[1]) for r in rows)
+        if dead:
+            await conn.execute(
+                _DEAD_LETTER_SQL,
+                [d.topic for d in dead],
+                [d.payload for d in dead],
+                [d.reason for d in dead],
+                [d.pump_id for d in dead],
+                [d.received_at for d in dead],
+            )
+    result.dead_letters = len(dead)
+    for msg in unique:
+        if (msg.pump_id, msg.seq) in new_keys:
+            result.new.append(msg)
+        elif not isinstance(msg, Status):  # a status older than the stored one is no duplicate
+            result.duplicates += 1
+    return result

@@ -1,0 +1,28 @@
+"""The device agent: publishes a pump's telemetry, events and status over MQTT (QoS 1) and loses
+nothing while offline. See README.md in this folder."""
+
+from .agent import Agent, AgentStats, BrokerOptions, build_entry, client_id
+from .clock import SimClock
+from .driver import ConstantPump, Observation, ObservationKind, PumpDriver
+from .store import AppendResult, Entry, Queued, QueueLimits, Store, StoreError, StoreLocked, Will
+
+__all__ = [
+    "Agent",
+    "AgentStats",
+    "AppendResult",
+    "BrokerOptions",
+    "ConstantPump",
+    "Entry",
+    "Observation",
+    "ObservationKind",
+    "PumpDriver",
+    "QueueLimits",
+    "Queued",
+    "SimClock",
+    "Store",
+    "StoreError",
+    "StoreLocked",
+    "Will",
+    "build_entry",
+    "client_id",
+]

@@ -1,0 +1,184 @@
+"""The agent without a broker: message building, validation, queueing while offline; the
+built-in driver, the simulated clock and the CLI's argument checks."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from pydantic import SecretStr
+
+from device_agent import (
+    Agent,
+    BrokerOptions,
+    ConstantPump,
+    Observation,
+    PumpDriver,
+    SimClock,
+    Store,
+    build_entry,
+)
+from device_agent.cli import register, run_agent
+from pumpfleet import contract
+from pumpfleet.cli import UsageError
+from pumpfleet.settings import MqttSettings, Settings
+from pumpfleet.stack import free_port
+
+from .helpers import ScriptedDriver, telemetry_fields, wait_until
+
+PUMP = "P-000001"
+NOW = datetime.now(UTC).replace(microsecond=0)
+
+
+def test_build_entry_wraps_the_envelope_and_validates_like_the_ingester() -> None:
+    obs = Observation("telemetry", NOW, telemetry_fields(alarms=["low_reservoir"]))
+    entry = build_entry(PUMP, obs)
+    assert entry.topic == "pumps/P-000001/telemetry" and not entry.retain
+    msg = contract.decode(entry.topic, entry.payload(42))
+    assert isinstance(msg, contract.Telemetry)
+    assert (msg.seq, msg.pump_id, msg.time, msg.alarms) == (42, PUMP, NOW, ("low_reservoir",))
+    status = build_entry(PUMP, Observation("status", NOW, {"online": True}))
+    assert status.retain and status.topic == "pumps/P-000001/status"
+
+
+@pytest.mark.parametrize(
+    ("obs", "error"),
+    [
+        (Observation("telemetry", NOW, telemetry_fields(reservoir_ml=-1)), "reservoir_ml"),
+        (Observation("telemetry", NOW, {**telemetry_fields(), "extra": 1}), "extra"),
+        (Observation("telemetry", NOW, {**telemetry_fields(), "seq": 5}), "envelope"),
+        (Observation("telemetry", NOW.replace(tzinfo=None), telemetry_fields()), "UTC offset"),
+        (Observation("event", NOW, {"event": "teleport"}), "event"),
+        (Observation("telemetry", NOW, telemetry_fields(battery_pct=float("nan"))), "JSON"),
+        (Observation("bogus", NOW, {}), "kind"),  # type: ignore[arg-type]
+    ],
+)
+def test_build_entry_rejects_what_breaks_the_contract(obs: Observation, error: str) -> None:
+    with pytest.raises(contract.ContractError, match=error):
+        build_entry(PUMP, obs)
+
+
+def test_offline_agent_queues_in_order_counts_invalid_and_logs_one_line(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    observations = [
+        Observation("telemetry", NOW - timedelta(minutes=30), telemetry_fields(15.0)),
+        Observation("event", NOW - timedelta(minutes=25), {"event": "mri_start"}),
+        Observation("telemetry", NOW - timedelta(minutes=20), telemetry_fields(-5.0)),  # bug
+        Observation("telemetry", NOW - timedelta(minutes=10), telemetry_fields(14.9)),
+    ]
+    driver = ScriptedDriver(PUMP, observations)
+    broker = BrokerOptions(port=free_port())  # nobody listens there
+    caplog.set_level(logging.DEBUG, logger="device_agent")
+    with Store(tmp_path / "q.sqlite3", PUMP) as store:
+        agent = Agent(driver, store, broker, reconnect_min_s=0.01, reconnect_max_s=0.02)
+
+        def three_attempts() -> bool:
+            agent.poll(0.01)
+            return agent.stats.connect_failures >= 3
+
+        wait_until(three_attempts, 10, "3 failed attempts")
+        assert not agent.connected
+        queued = store.messages()
+        assert [m.seq for m in queued] == [1, 2, 3], "the invalid one consumed no seq"
+        assert [m.kind for m in queued] == ["telemetry", "event", "telemetry"]
+        decoded = [contract.decode(m.topic, m.payload) for m in queued]
+        assert [d.seq for d in decoded] == [1, 2, 3]
+        assert agent.stats.invalid == 1 and agent.stats.queued == 3
+        will = store.will()
+        assert will is not None and (will.online_seq, will.will_seq) == (4, 5)
+        assert will.state == "reserved", "no broker saw it: reused by later attempts"
+        assert store.next_seq == 6, "retries reserved no further seqs"
+        assert json.loads(will.payload)["online"] is False
+    warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert [r.getMessage() for r in warnings] == [
+        "invalid observation dropped",
+        "broker unreachable: queueing on disk and retrying with backoff",
+    ]
+
+
+def test_broker_options_from_settings() -> None:
+    opts = BrokerOptions.from_settings(
+        MqttSettings(
+            url="mqtts://broker.example:8884",
+            username="pump-{pump_id}",
+            password=SecretStr("s3cret"),
+            keepalive_s=45,
+        ),
+        PUMP,
+    )
+    assert (opts.host, opts.port, opts.tls, opts.keepalive_s) == ("broker.example", 8884, True, 45)
+    assert (opts.username, opts.password) == ("pump-P-000001", "s3cret")
+    assert "s3cret" not in repr(opts) and opts.url == "mqtts://broker.example:8884"
+    plain = BrokerOptions.from_settings(MqttSettings(url="mqtt://u:p%40ss@10.0.0.1"), PUMP)
+    assert (plain.port, plain.tls, plain.username, plain.password) == (1883, False, "u", "p@ss")
+    with pytest.raises(ValueError, match="not mqtt://"):
+        BrokerOptions.from_settings(MqttSettings(url="http://x:1"), PUMP)
+
+
+def test_constant_pump_drains_at_dose_over_concentration() -> None:
+    start = NOW - timedelta(days=80)
+    pump = ConstantPump(PUMP, start=start, reporting_interval_s=86_400, reservoir_ml=20.0)
+    assert isinstance(pump, PumpDriver)
+    assert pump.rate_ul_per_h == pytest.approx(10.4167, abs=1e-4)  # 0.25 mL/day
+    first = pump.advance(start + timedelta(days=1))
+    assert [o.fields["reservoir_ml"] for o in first] == [20.0, 19.75]
+    assert pump.advance(start + timedelta(days=1, hours=23)) == [], "nothing until the next tick"
+    rest = pump.advance(start + timedelta(days=80))
+    raised = [o.fields["alarm"] for o in rest if o.kind == "event"]
+    assert raised == ["low_reservoir", "empty_reservoir"]
+    low = next(o for o in rest if o.kind == "event")
+    assert low.time == start + timedelta(days=72), "20 mL - 72 d * 0.25 mL/d = 2 mL"
+    last = rest[-1]
+    assert last.fields["pump_state"] == "stopped" and last.fields["delivered_ul_per_h"] == 0.0
+    for obs in first + rest:
+        build_entry(PUMP, obs)  # every message the built-in pump makes is contract-valid
+
+
+def test_sim_clock_runs_fast_but_never_ahead_of_the_wall_clock() -> None:
+    mono = [0.0]
+    wall = NOW
+    clock = SimClock(NOW - timedelta(hours=2), 60.0, wall=lambda: wall, monotonic=lambda: mono[0])
+    assert clock() == NOW - timedelta(hours=2)
+    mono[0] = 60.0  # one real minute = one simulated hour
+    assert clock() == NOW - timedelta(hours=1)
+    mono[0] = 600.0
+    assert clock() == NOW, "capped at the wall clock: the contract rejects future times"
+
+
+def _args(**over: object) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers())
+    args = parser.parse_args(["agent", "--pump-id", PUMP])
+    for key, value in over.items():
+        setattr(args, key, value)
+    return args
+
+
+def test_cli_rejects_bad_input_with_one_line(tmp_path: Path) -> None:
+    settings = Settings(run_dir=tmp_path)
+    with pytest.raises(UsageError, match="--pump-id"):
+        run_agent(_args(pump_id="pumps/#"), settings)
+    with pytest.raises(UsageError, match="positive"):
+        run_agent(_args(interval_s=0), settings)
+    bad_url = Settings(run_dir=tmp_path, mqtt=MqttSettings(url="ftp://x"))
+    with pytest.raises(UsageError, match="PUMPFLEET_MQTT__URL"):
+        run_agent(_args(), bad_url)
+    no_ca = Settings(run_dir=tmp_path, mqtt=MqttSettings(tls_ca=tmp_path / "missing.pem"))
+    with pytest.raises(UsageError, match="tls_ca"):
+        run_agent(_args(), no_ca)
+    (tmp_path / "junk.pem").write_text("not a certificate")
+    junk_ca = Settings(run_dir=tmp_path, mqtt=MqttSettings(tls_ca=tmp_path / "junk.pem"))
+    with pytest.raises(UsageError, match="TLS files unusable"):
+        run_agent(_args(), junk_ca)
+    with pytest.raises(UsageError, match="--driver"):
+        run_agent(_args(driver="no_such_module:make"), settings)
+    with (
+        Store(tmp_path / "agents" / f"{PUMP}.sqlite3", PUMP),
+        pytest.raises(UsageError, match="another agent"),
+    ):
+        run_agent(_args(), settings)

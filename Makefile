@@ -36,7 +36,7 @@ $(NODEDIR)/node_modules/.package-lock.json: $(NODEDIR)/package-lock.json
 	cd $(NODEDIR) && npm ci --no-audit --no-fund --loglevel=error
 
 bench: setup
-	$(BIN)/python benchmarks/decode.py
+	$(BIN)/python benchmarks/decode_bench.py
 
 clean:
 	-$(BIN)/pumpfleet stack down 2>/dev/null

@@ -1,4 +1,5 @@
-"""Shared fixtures: one real mosquitto + PostgreSQL per test session, a fresh database per test.
+"""Shared fixtures for every part's tests: one real mosquitto + PostgreSQL per test session,
+a fresh database per test.
 
 Nothing is skipped when the binaries are missing: the tests fail with the StackError that says
 what to install, so a CI image without them cannot pass by testing nothing.
@@ -33,3 +34,13 @@ def database_url(stack: stack_mod.StackInfo) -> Iterator[str]:
         # A test may have stopped the database (fault tests); bring it back to drop ours.
         stack_mod.start_database(stack)
         stack_mod.drop_database(stack, name)
+
+
+@pytest.fixture
+def broker(stack: stack_mod.StackInfo) -> Iterator[stack_mod.StackInfo]:
+    """The session's stack, with mosquitto running again after a test that stopped it."""
+    stack_mod.start_broker(stack)
+    try:
+        yield stack
+    finally:
+        stack_mod.start_broker(stack)

@@ -23,6 +23,7 @@ import random
 import threading
 import time
 import urllib.parse
+from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -34,6 +35,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from ingest import metrics
+from ingest.mqtt import Client as BufferedClient
 from ingest.store import DeadLetter, WriteResult, write_batch
 from pumpfleet import contract
 from pumpfleet.contract import Message
@@ -68,7 +70,7 @@ class Ingester:
         self.cfg = settings.ingest
         self.on_commit = on_commit
         self._lock = threading.Lock()
-        self._buf: list[_Item] = []
+        self._buf: deque[_Item] = deque()
         self._gen = 0
         self._connected = threading.Event()
         self._accepting = True
@@ -84,9 +86,9 @@ class Ingester:
 
     # MQTT side (paho's network thread) ------------------------------------------------------
 
-    def _make_client(self) -> mqtt.Client:
+    def _make_client(self) -> BufferedClient:
         m = self.settings.mqtt
-        client = mqtt.Client(
+        client = BufferedClient(
             callback_api_version=CallbackAPIVersion.VERSION2,
             client_id=self.cfg.client_id,
             protocol=mqtt.MQTTv5,
@@ -179,12 +181,12 @@ class Ingester:
         except contract.ContractError as exc:
             dead = DeadLetter(topic, bytes(payload), str(exc), datetime.fromtimestamp(now, UTC))
             item = _Item(0, message.mid, message.qos, now, topic, payload, None, dead)
-        with self._lock:
-            item.gen = self._gen
-            self._buf.append(item)
-            full = len(self._buf) >= self.cfg.batch_max
-        if full and self._loop is not None:
-            self._loop.call_soon_threadsafe(self._wake.set)
+        # No lock: only this thread appends or changes the generation, and deque appends and
+        # pops are atomic.
+        item.gen = self._gen
+        self._buf.append(item)
+        if len(self._buf) == self.cfg.batch_max and self._loop is not None:
+            self._loop.call_soon_threadsafe(self._wake.set)  # once per batch, not per message
 
     # Database side (asyncio) ----------------------------------------------------------------
 
@@ -261,19 +263,15 @@ class Ingester:
 
     def _ack(self, batch: list[_Item]) -> int:
         """Acknowledge what this connection delivered; return how many were stale."""
-        stale = 0
         with self._lock:
             gen = self._gen
-            for item in batch:
-                if item.gen == gen and item.qos > 0:
-                    self._client.ack(item.mid, item.qos)
-                elif item.gen != gen:
-                    stale += 1
-        return stale
+            mids = [item.mid for item in batch if item.gen == gen and item.qos > 0]
+            self._client.ack_many(mids)
+        return sum(1 for item in batch if item.gen != gen)
 
     async def _flush(self) -> int:
-        with self._lock:
-            batch, self._buf = self._buf, []
+        buf = self._buf
+        batch = [buf.popleft() for _ in range(len(buf))]
         if not batch:
             return 0
         result = await self._write(batch)
@@ -285,8 +283,7 @@ class Ingester:
         return len(batch)
 
     def pending(self) -> int:
-        with self._lock:
-            return len(self._buf)
+        return len(self._buf)
 
     # Lifecycle -------------------------------------------------------------------------------
 

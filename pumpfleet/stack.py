@@ -117,12 +117,10 @@ class StackInfo:
         return f"postgresql://{self.pg_user}@{self.pg_host}:{self.pg_port}/{database}"
 
     def to_env(self) -> dict[str, str]:
-        """Variables for child processes. `PUMPFLEET_MQTT__URL` is the spelling that
-        `pumpfleet.settings` reads (nested with `__`); `PUMPFLEET_MQTT_URL` is kept for scripts."""
+        """Variables for child processes, spelled as `pumpfleet.settings` reads them."""
         return {
             "PUMPFLEET_DATABASE_URL": self.database_url,
             "PUMPFLEET_MQTT__URL": self.mqtt_url,
-            "PUMPFLEET_MQTT_URL": self.mqtt_url,
         }
 
 

@@ -182,7 +182,6 @@ def test_info_urls_and_environment(stack: StackInfo) -> None:
     assert stack.mqtt_url == f"mqtt://127.0.0.1:{stack.mqtt_port}"
     env = stack.to_env()
     assert env["PUMPFLEET_DATABASE_URL"] == stack.database_url
-    assert env["PUMPFLEET_MQTT_URL"] == stack.mqtt_url
     assert env["PUMPFLEET_MQTT__URL"] == stack.mqtt_url
     assert stack_mod.load(stack.run_dir) == stack
 

@@ -1,0 +1,457 @@
+"""Benchmark: pump telemetry through the real broker into the real database.
+
+Everything runs on this machine: mosquitto, PostgreSQL, the publishers and the ingester. Prints,
+from one run:
+- raw limits: a bare paho subscriber acking a backlog (no validation, no database), and asyncpg
+  unnest inserts of ready-made rows (no MQTT);
+- backlog drain: the ingester alone draining a queued backlog, with full validation, dedup and
+  ack-after-commit; its CPU and peak memory;
+- the naive pipeline (paho callback, one INSERT per message, autocommit) on a smaller backlog;
+- sustained load: publishers at a fixed rate while the ingester runs, with publish-to-commit
+  latency percentiles from the database;
+and counts loss and duplicates from the database every time.
+
+    .venv/bin/python benchmarks/ingest_bench.py          # backlog 200,000; 60 s sustained
+    .venv/bin/python benchmarks/ingest_bench.py --quick  # smaller, for a smoke check
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import multiprocessing as mp
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.parse
+import uuid
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import asyncpg
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from pumpfleet import contract, schema
+from pumpfleet import stack as stack_mod
+
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+# Load -------------------------------------------------------------------------------------------
+
+
+def _payload(pump_id: str, seq: int, at: datetime) -> bytes:
+    return json.dumps(
+        {
+            "v": 1,
+            "pump_id": pump_id,
+            "time": at.isoformat(timespec="microseconds"),
+            "seq": seq,
+            "delivered_ul_per_h": 10.41,
+            "programmed_rate_ul_per_h": 10.42,
+            "programmed_dose_mcg_per_day": 500.0,
+            "reservoir_ml": 15.0 - (seq % 1000) * 0.001,
+            "reservoir_capacity_ml": 20.0,
+            "low_reservoir_alarm_ml": 2.0,
+            "concentration_mcg_per_ml": 2000.0,
+            "battery_pct": 80.0,
+            "battery_eri": False,
+            "pump_state": "infusing",
+            "alarms": [],
+        }
+    ).encode()
+
+
+def _publisher(
+    mqtt_url: str, worker: int, pumps: int, count: int, rate: float, seq0: int, out: mp.Queue
+) -> None:  # type: ignore[type-arg]
+    """Publish `count` QoS 1 messages round-robin over this worker's pumps, at `rate`/s (0: max)."""
+    url = urllib.parse.urlsplit(mqtt_url)
+    client = mqtt.Client(
+        callback_api_version=CallbackAPIVersion.VERSION2,
+        client_id=f"bench-pub-{worker}-{uuid.uuid4().hex[:6]}",
+        protocol=mqtt.MQTTv311,
+    )
+    client.max_inflight_messages_set(2000)
+    client.max_queued_messages_set(0)
+    client.connect(url.hostname or "127.0.0.1", url.port or 1883)
+    client.loop_start()
+    ids = [f"W{worker:02d}-{p:05d}" for p in range(pumps)]
+    infos = []
+    start = time.perf_counter()
+    base = datetime.now(UTC) - (timedelta(days=1) if rate == 0 else timedelta(0))
+    for i in range(count):
+        if rate:
+            due = start + i / rate
+            delay = due - time.perf_counter()
+            if delay > 0:
+                time.sleep(delay)
+        pump = ids[i % pumps]
+        seq = seq0 + i // pumps
+        at = datetime.now(UTC) if rate else base + timedelta(microseconds=i)
+        infos.append(client.publish(contract.topic(pump, "telemetry"), _payload(pump, seq, at), 1))
+        if len(infos) >= 20_000:  # paho has 65,535 message ids: wait for the oldest
+            infos[0].wait_for_publish(60)
+            infos = [m for m in infos if not m.is_published()]
+    for m in infos:
+        m.wait_for_publish(120)
+    elapsed = time.perf_counter() - start
+    client.disconnect()
+    client.loop_stop()
+    out.put((worker, count, elapsed))
+
+
+def publish(
+    mqtt_url: str,
+    total: int,
+    workers: int,
+    rate: float = 0.0,
+    seq0: int = 0,
+    pumps_per_worker: int = 250,
+) -> float:
+    """Publish from `workers` processes; return the acknowledged rate (msgs/s)."""
+    ctx = mp.get_context("spawn")
+    out: mp.Queue = ctx.Queue()  # type: ignore[type-arg]
+    per = total // workers
+    procs = [
+        ctx.Process(
+            target=_publisher, args=(mqtt_url, w, pumps_per_worker, per, rate / workers, seq0, out)
+        )
+        for w in range(workers)
+    ]
+    start = time.perf_counter()
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join()
+    elapsed = time.perf_counter() - start
+    acked = 0
+    while not out.empty():
+        acked += out.get()[1]
+    if acked != per * workers:
+        raise SystemExit(f"publishers acknowledged {acked} of {per * workers}")
+    return acked / elapsed
+
+
+# Processes and figures -------------------------------------------------------------------------
+
+
+class Watched:
+    """A child process whose CPU seconds and peak memory we read from /proc."""
+
+    def __init__(self, args: list[str], env: dict[str, str], log: Path) -> None:
+        self.log = log.open("ab")
+        self.proc = subprocess.Popen(args, env=env, stdout=self.log, stderr=subprocess.STDOUT)
+
+    def cpu_s(self) -> float:
+        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / _TICK
+
+    def peak_rss_mb(self) -> float:
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+        return 0.0
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        self.log.close()
+
+
+async def count_rows(dsn: str) -> int:
+    conn = await asyncpg.connect(dsn)
+    try:
+        return int(await conn.fetchval("SELECT count(*) FROM telemetry"))
+    finally:
+        await conn.close()
+
+
+async def wait_count(dsn: str, n: int, timeout: float) -> float:
+    """Wait until the telemetry table holds n rows; return when it first did (perf_counter)."""
+    deadline = time.perf_counter() + timeout
+    conn = await asyncpg.connect(dsn)
+    try:
+        while time.perf_counter() < deadline:
+            if await conn.fetchval("SELECT count(*) FROM telemetry") >= n:
+                return time.perf_counter()
+            await asyncio.sleep(0.05)
+    finally:
+        await conn.close()
+    raise SystemExit(f"timed out: fewer than {n} rows after {timeout}s")
+
+
+async def loss_and_duplicates(dsn: str, expected: int) -> tuple[int, int]:
+    conn = await asyncpg.connect(dsn)
+    try:
+        rows = await conn.fetchval("SELECT count(*) FROM telemetry")
+        distinct = await conn.fetchval("SELECT count(DISTINCT (pump_id, seq)) FROM telemetry")
+    finally:
+        await conn.close()
+    return expected - distinct, rows - distinct
+
+
+def ingester_env(info: stack_mod.StackInfo, dsn: str, client_id: str) -> dict[str, str]:
+    return {
+        **os.environ,
+        **info.to_env(),
+        "PUMPFLEET_DATABASE_URL": dsn,
+        "PUMPFLEET_INGEST__CLIENT_ID": client_id,
+        "PUMPFLEET_INGEST__METRICS_PORT": "0",
+        "PUMPFLEET_LOG_LEVEL": "WARNING",
+    }
+
+
+async def fresh_db(info: stack_mod.StackInfo, name: str) -> str:
+    dsn = stack_mod.create_database(info, name)
+    await schema.migrate(dsn)
+    return dsn
+
+
+def make_session(mqtt_url: str, client_id: str) -> None:
+    """Create a persistent session subscribed to all telemetry, so a backlog queues for it."""
+    url = urllib.parse.urlsplit(mqtt_url)
+    props = Properties(PacketTypes.CONNECT)
+    props.SessionExpiryInterval = 3600
+    c = mqtt.Client(
+        callback_api_version=CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5
+    )
+    granted = threading.Event()
+    c.on_connect = lambda cl, *a: cl.subscribe(contract.subscription(), qos=1)
+    c.on_subscribe = lambda *a: granted.set()
+    c.connect(url.hostname or "127.0.0.1", url.port or 1883, clean_start=False, properties=props)
+    c.loop_start()
+    if not granted.wait(10):
+        raise SystemExit("broker did not grant the subscription")
+    c.disconnect()
+    c.loop_stop()
+
+
+# Stages -----------------------------------------------------------------------------------------
+
+
+def bare_mqtt_drain(info: stack_mod.StackInfo, n: int, workers: int, buffered: bool) -> float:
+    """The MQTT ceiling in Python: a paho subscriber that acks each message and does nothing
+    (stock paho, or paho with the ingester's buffered socket)."""
+    from ingest.mqtt import Client as BufferedClient
+
+    cid = f"bench-bare-{uuid.uuid4().hex[:6]}"
+    make_session(info.mqtt_url, cid)
+    publish(info.mqtt_url, n, workers)
+    got = 0
+    done = mp.Event()
+    url = urllib.parse.urlsplit(info.mqtt_url)
+    props = Properties(PacketTypes.CONNECT)
+    props.SessionExpiryInterval = 0
+    props.ReceiveMaximum = 20000
+
+    def on_message(c: mqtt.Client, u: object, m: mqtt.MQTTMessage) -> None:
+        nonlocal got
+        got += 1
+        if got >= n:
+            done.set()
+
+    cls = BufferedClient if buffered else mqtt.Client
+    c = cls(callback_api_version=CallbackAPIVersion.VERSION2, client_id=cid, protocol=mqtt.MQTTv5)
+    c.on_message = on_message
+    start = time.perf_counter()
+    c.connect(url.hostname or "127.0.0.1", url.port or 1883, clean_start=False, properties=props)
+    c.loop_start()
+    done.wait(300)
+    elapsed = time.perf_counter() - start
+    c.disconnect()
+    c.loop_stop()
+    return got / elapsed
+
+
+async def bare_db_insert(info: stack_mod.StackInfo, n: int) -> float:
+    """The database ceiling: asyncpg unnest batches of ready rows, dedup key and all."""
+    from ingest.store import write_batch
+
+    dsn = await fresh_db(info, f"bench_rawdb_{uuid.uuid4().hex[:6]}")
+    now = datetime.now(UTC) - timedelta(days=1)
+    msgs = [
+        contract.decode(
+            contract.topic(f"R-{i % 1000:05d}", "telemetry"),
+            _payload(f"R-{i % 1000:05d}", i // 1000, now + timedelta(seconds=i)),
+        )
+        for i in range(n)
+    ]
+    conn = await asyncpg.connect(dsn)
+    start = time.perf_counter()
+    for i in range(0, n, 2000):
+        await write_batch(conn, msgs[i : i + 2000], [])
+    elapsed = time.perf_counter() - start
+    await conn.close()
+    return n / elapsed
+
+
+async def ingester_drain(
+    info: stack_mod.StackInfo, n: int, workers: int, workdir: Path, naive: bool = False
+) -> dict[str, float]:
+    """Queue n messages for a stopped ingester, then start it and time the drain."""
+    name = "naive" if naive else "ingest"
+    dsn = await fresh_db(info, f"bench_{name}_{uuid.uuid4().hex[:6]}")
+    cid = f"bench-{name}-{uuid.uuid4().hex[:6]}"
+    make_session(info.mqtt_url, cid)
+    publish(info.mqtt_url, n, workers)
+    args = (
+        [sys.executable, str(Path(__file__).with_name("naive_ingest.py"))]
+        if naive
+        else [sys.executable, "-m", "pumpfleet.cli", "ingest"]
+    )
+    start = time.perf_counter()
+    proc = Watched(args, ingester_env(info, dsn, cid), workdir / f"{name}.log")
+    if os.environ.get("BENCH_PROFILE") and not naive:  # sample every thread with py-spy
+        subprocess.Popen(
+            [
+                "py-spy",
+                "record",
+                "-p",
+                str(proc.proc.pid),
+                "-d",
+                "6",
+                "-r",
+                "200",
+                "-f",
+                "raw",
+                "-o",
+                os.environ["BENCH_PROFILE"],
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+    try:
+        done = await wait_count(dsn, n, timeout=900)
+        cpu, rss = proc.cpu_s(), proc.peak_rss_mb()
+    finally:
+        proc.stop()
+    elapsed = done - start
+    loss, dup = await loss_and_duplicates(dsn, n)
+    return {
+        "rate": n / elapsed,
+        "elapsed": elapsed,
+        "cpu_pct": 100 * cpu / elapsed,
+        "rss_mb": rss,
+        "loss": loss,
+        "dup": dup,
+    }
+
+
+async def sustained(
+    info: stack_mod.StackInfo, rate: float, seconds: float, workers: int, workdir: Path
+) -> dict[str, float]:
+    dsn = await fresh_db(info, f"bench_sustained_{uuid.uuid4().hex[:6]}")
+    cid = f"bench-sustained-{uuid.uuid4().hex[:6]}"
+    proc = Watched(
+        [sys.executable, "-m", "pumpfleet.cli", "ingest"],
+        ingester_env(info, dsn, cid),
+        workdir / "sustained.log",
+    )
+    try:
+        await asyncio.sleep(1.0)  # let it connect and subscribe before the first publish
+        cpu0, t0 = proc.cpu_s(), time.perf_counter()
+        n = int(rate * seconds)
+        achieved = await asyncio.to_thread(publish, info.mqtt_url, n, workers, rate)
+        await wait_count(dsn, n // workers * workers, timeout=120)
+        cpu, elapsed, rss = proc.cpu_s() - cpu0, time.perf_counter() - t0, proc.peak_rss_mb()
+    finally:
+        proc.stop()
+    total = n // workers * workers
+    loss, dup = await loss_and_duplicates(dsn, total)
+    conn = await asyncpg.connect(dsn)
+    try:
+        p50, p99, pmax = await conn.fetchrow(
+            "SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY l), "
+            "percentile_cont(0.99) WITHIN GROUP (ORDER BY l), max(l) FROM "
+            "(SELECT extract(epoch FROM received_at - time) AS l FROM telemetry) x"
+        )
+    finally:
+        await conn.close()
+    return {
+        "offered": rate,
+        "achieved": achieved,
+        "p50": p50,
+        "p99": p99,
+        "max": pmax,
+        "cpu_pct": 100 * cpu / elapsed,
+        "rss_mb": rss,
+        "loss": loss,
+        "dup": dup,
+        "n": total,
+    }
+
+
+async def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--backlog", type=int, default=200_000)
+    ap.add_argument("--naive", type=int, default=20_000)
+    ap.add_argument("--rate", type=float, default=10_000)
+    ap.add_argument("--seconds", type=float, default=60)
+    ap.add_argument("--workers", type=int, default=4, help="publisher processes")
+    ap.add_argument("--quick", action="store_true", help="backlog 20,000; 10 s sustained")
+    ap.add_argument("--skip", default="", help="comma list: raw,drain,naive,sustained")
+    args = ap.parse_args()
+    if args.quick:
+        args.backlog, args.naive, args.seconds = 20_000, 5_000, 10
+    skip = set(args.skip.split(","))
+    workdir = Path(tempfile.mkdtemp(prefix="pumpfleet-bench-"))
+    print(f"machine: {os.cpu_count()} cores; logs in {workdir}")
+    with stack_mod.running_stack(workdir / "stack", purge=True) as info:
+        res: dict[str, object] = {}
+        if "raw" not in skip:
+            res["stock_mqtt"] = bare_mqtt_drain(info, args.backlog, args.workers, False)
+            print(f"raw: stock paho subscriber, ack only:  {res['stock_mqtt']:>9,.0f} msg/s")
+            res["bare_mqtt"] = bare_mqtt_drain(info, args.backlog, args.workers, True)
+            print(f"raw: buffered paho subscriber, ack:    {res['bare_mqtt']:>9,.0f} msg/s")
+            res["bare_db"] = await bare_db_insert(info, args.backlog)
+            print(f"raw: asyncpg unnest insert (no MQTT):  {res['bare_db']:>9,.0f} rows/s")
+        if "drain" not in skip:
+            d = await ingester_drain(info, args.backlog, args.workers, workdir)
+            res["drain"] = d
+            print(
+                f"backlog drain, {args.backlog:,} msgs:       {d['rate']:>9,.0f} msg/s "
+                f"({d['elapsed']:.1f} s, ingester CPU {d['cpu_pct']:.0f} %, peak RSS "
+                f"{d['rss_mb']:.0f} MB, loss {d['loss']:.0f}, duplicates {d['dup']:.0f})"
+            )
+        if "naive" not in skip:
+            nv = await ingester_drain(info, args.naive, args.workers, workdir, naive=True)
+            res["naive"] = nv
+            print(
+                f"naive drain, {args.naive:,} msgs:          {nv['rate']:>9,.0f} msg/s "
+                f"(CPU {nv['cpu_pct']:.0f} %, loss {nv['loss']:.0f}, dup {nv['dup']:.0f})"
+            )
+        if "sustained" not in skip:
+            s = await sustained(info, args.rate, args.seconds, args.workers, workdir)
+            res["sustained"] = s
+            print(
+                f"sustained {s['offered']:,.0f} msg/s offered for {args.seconds:.0f} s: "
+                f"publishers achieved {s['achieved']:,.0f} msg/s; publish-to-commit p50 "
+                f"{s['p50'] * 1000:.0f} ms, p99 {s['p99'] * 1000:.0f} ms, max "
+                f"{s['max'] * 1000:.0f} ms; ingester CPU {s['cpu_pct']:.0f} %, peak RSS "
+                f"{s['rss_mb']:.0f} MB; loss {s['loss']:.0f}, duplicates {s['dup']:.0f} "
+                f"of {s['n']:,}"
+            )
+        d, nv = res.get("drain"), res.get("naive")
+        if isinstance(d, dict) and isinstance(nv, dict):
+            print(f"ratio: ingester / naive = {d['rate'] / nv['rate']:.1f}x")
+        if isinstance(d, dict) and "bare_mqtt" in res:
+            print(
+                f"ratio: ingester / bare MQTT receive = {d['rate'] / res['bare_mqtt']:.2f}; "
+                f"ingester / bare DB insert = {d['rate'] / res['bare_db']:.2f}"
+            )
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

@@ -1,0 +1,70 @@
+"""The naive pipeline the benchmark compares against: a paho callback that INSERTs each message
+on its own (autocommit) and lets paho acknowledge it. No validation beyond JSON parsing."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import urllib.parse
+
+import paho.mqtt.client as mqtt
+import psycopg
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+SQL = """INSERT INTO telemetry (time, pump_id, seq, delivered_ul_per_h, programmed_rate_ul_per_h,
+    programmed_dose_mcg_per_day, reservoir_ml, reservoir_capacity_ml, low_reservoir_alarm_ml,
+    concentration_mcg_per_ml, battery_pct, battery_eri, pump_state, alarms)
+VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT DO NOTHING"""
+
+
+def main() -> None:
+    db = psycopg.connect(os.environ["PUMPFLEET_DATABASE_URL"], autocommit=True)
+    url = urllib.parse.urlsplit(os.environ["PUMPFLEET_MQTT__URL"])
+
+    def on_message(c: mqtt.Client, u: object, m: mqtt.MQTTMessage) -> None:
+        b = json.loads(m.payload)
+        db.execute(
+            SQL,
+            (
+                b["time"],
+                b["pump_id"],
+                b["seq"],
+                b["delivered_ul_per_h"],
+                b["programmed_rate_ul_per_h"],
+                b["programmed_dose_mcg_per_day"],
+                b["reservoir_ml"],
+                b["reservoir_capacity_ml"],
+                b["low_reservoir_alarm_ml"],
+                b["concentration_mcg_per_ml"],
+                b["battery_pct"],
+                b["battery_eri"],
+                b["pump_state"],
+                b["alarms"],
+            ),
+        )
+
+    client = mqtt.Client(
+        callback_api_version=CallbackAPIVersion.VERSION2,
+        client_id=os.environ["PUMPFLEET_INGEST__CLIENT_ID"],
+        protocol=mqtt.MQTTv5,
+    )
+    client.on_message = on_message
+    props = Properties(PacketTypes.CONNECT)
+    props.SessionExpiryInterval = 3600
+    client.connect(
+        url.hostname or "127.0.0.1", url.port or 1883, clean_start=False, properties=props
+    )
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *a: stop.set())
+    client.loop_start()
+    stop.wait()
+    client.disconnect()
+    client.loop_stop()
+
+
+if __name__ == "__main__":
+    main()

@@ -170,6 +170,21 @@ class Watched:
         self.log.close()
 
 
+def cpu_by_program() -> dict[str, float]:
+    """CPU seconds so far of every mosquitto and postgres process on the machine."""
+    out = {"mosquitto": 0.0, "postgres": 0.0}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:
+            continue
+        name = text[text.index("(") + 1 : text.rindex(")")]
+        if name in out:
+            f = text.rsplit(")", 1)[1].split()
+            out[name] += (int(f[11]) + int(f[12])) / _TICK
+    return out
+
+
 async def count_rows(dsn: str) -> int:
     conn = await asyncpg.connect(dsn)
     try:
@@ -277,10 +292,10 @@ def bare_mqtt_drain(info: stack_mod.StackInfo, n: int, workers: int, buffered: b
 
 async def bare_db_insert(info: stack_mod.StackInfo, n: int) -> float:
     """The database ceiling: asyncpg unnest batches of ready rows, dedup key and all."""
-    from ingest.store import write_batch
+    from ingest.store import prepare, write_batch
 
     dsn = await fresh_db(info, f"bench_rawdb_{uuid.uuid4().hex[:6]}")
-    now = datetime.now(UTC) - timedelta(days=1)
+    now = datetime.now(UTC) - timedelta(days=30)
     msgs = [
         contract.decode(
             contract.topic(f"R-{i % 1000:05d}", "telemetry"),
@@ -289,6 +304,7 @@ async def bare_db_insert(info: stack_mod.StackInfo, n: int) -> float:
         for i in range(n)
     ]
     conn = await asyncpg.connect(dsn)
+    await prepare(conn)
     start = time.perf_counter()
     for i in range(0, n, 2000):
         await write_batch(conn, msgs[i : i + 2000], [])
@@ -311,7 +327,7 @@ async def ingester_drain(
         if naive
         else [sys.executable, "-m", "pumpfleet.cli", "ingest"]
     )
-    start = time.perf_counter()
+    start, others0 = time.perf_counter(), cpu_by_program()
     proc = Watched(args, ingester_env(info, dsn, cid), workdir / f"{name}.log")
     if os.environ.get("BENCH_PROFILE") and not naive:  # sample every thread with py-spy
         subprocess.Popen(
@@ -334,18 +350,32 @@ async def ingester_drain(
         )
     try:
         done = await wait_count(dsn, n, timeout=900)
-        cpu, rss = proc.cpu_s(), proc.peak_rss_mb()
+        cpu, rss, others = proc.cpu_s(), proc.peak_rss_mb(), cpu_by_program()
     finally:
         proc.stop()
     elapsed = done - start
     loss, dup = await loss_and_duplicates(dsn, n)
+    conn = await asyncpg.connect(dsn)
+    try:  # first batch's transaction start to last batch's: the drain without process start-up
+        span = await conn.fetchval(
+            "SELECT extract(epoch FROM max(received_at) - min(received_at)) FROM telemetry"
+        )
+        first_batch = await conn.fetchval(
+            "SELECT count(*) FROM telemetry WHERE received_at = (SELECT min(received_at) "
+            "FROM telemetry)"
+        )
+    finally:
+        await conn.close()
     return {
+        "steady": (n - first_batch) / float(span) if span else 0.0,
         "rate": n / elapsed,
         "elapsed": elapsed,
         "cpu_pct": 100 * cpu / elapsed,
         "rss_mb": rss,
         "loss": loss,
         "dup": dup,
+        "broker_pct": 100 * (others["mosquitto"] - others0["mosquitto"]) / elapsed,
+        "db_pct": 100 * (others["postgres"] - others0["postgres"]) / elapsed,
     }
 
 
@@ -422,8 +452,10 @@ async def main() -> None:
             res["drain"] = d
             print(
                 f"backlog drain, {args.backlog:,} msgs:       {d['rate']:>9,.0f} msg/s "
+                f"from process start, {d['steady']:,.0f} msg/s first to last commit "
                 f"({d['elapsed']:.1f} s, ingester CPU {d['cpu_pct']:.0f} %, peak RSS "
-                f"{d['rss_mb']:.0f} MB, loss {d['loss']:.0f}, duplicates {d['dup']:.0f})"
+                f"{d['rss_mb']:.0f} MB, loss {d['loss']:.0f}, duplicates {d['dup']:.0f}; "
+                f"mosquitto CPU {d['broker_pct']:.0f} %, PostgreSQL CPU {d['db_pct']:.0f} %)"
             )
         if "naive" not in skip:
             nv = await ingester_drain(info, args.naive, args.workers, workdir, naive=True)

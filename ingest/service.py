@@ -36,7 +36,7 @@ from paho.mqtt.properties import Properties
 
 from ingest import metrics
 from ingest.mqtt import Client as BufferedClient
-from ingest.store import DeadLetter, WriteResult, write_batch
+from ingest.store import DeadLetter, WriteResult, prepare, write_batch
 from pumpfleet import contract
 from pumpfleet.contract import Message
 from pumpfleet.settings import Settings
@@ -109,6 +109,7 @@ class Ingester:
         client.on_disconnect = self._on_disconnect
         client.on_pre_connect = self._on_pre_connect
         client.on_message = self._on_message
+        client.on_raw_message = self._on_raw_message
         client.on_subscribe = self._on_subscribe
         return client
 
@@ -163,27 +164,33 @@ class Ingester:
             log.warning("broker connection lost; reconnecting", extra={"reason": str(reason)})
 
     def _on_message(self, client: mqtt.Client, userdata: object, message: mqtt.MQTTMessage) -> None:
+        """paho's own path: a publish with properties, or a topic that is not UTF-8."""
+        try:
+            topic = message.topic
+        except UnicodeDecodeError:
+            topic = repr(message._topic)
+        self._receive(topic, message.payload, message.mid, message.qos)
+
+    def _on_raw_message(self, topic: str, payload: bytes, mid: int) -> None:
+        self._receive(topic, payload, mid, 1)
+
+    def _receive(self, topic: str, payload: bytes | bytearray, mid: int, qos: int) -> None:
         if not self._accepting:
             return  # shutting down: left unacknowledged, the broker redelivers it later
         now = time.time()
-        payload = message.payload
-        try:
-            topic = message.topic
-        except UnicodeDecodeError:  # paho raises on a topic that is not UTF-8
-            topic = repr(message._topic)
         try:
             if len(payload) > self.cfg.max_payload_bytes:
                 raise contract.ContractError(
                     f"payload: {len(payload)} bytes exceeds the {self.cfg.max_payload_bytes} limit"
                 )
-            msg = contract.decode(topic, payload)
-            item = _Item(0, message.mid, message.qos, now, topic, payload, msg, None)
+            item = _Item(
+                self._gen, mid, qos, now, topic, payload, contract.decode(topic, payload), None
+            )
         except contract.ContractError as exc:
             dead = DeadLetter(topic, bytes(payload), str(exc), datetime.fromtimestamp(now, UTC))
-            item = _Item(0, message.mid, message.qos, now, topic, payload, None, dead)
+            item = _Item(self._gen, mid, qos, now, topic, payload, None, dead)
         # No lock: only this thread appends or changes the generation, and deque appends and
         # pops are atomic.
-        item.gen = self._gen
         self._buf.append(item)
         if len(self._buf) == self.cfg.batch_max and self._loop is not None:
             self._loop.call_soon_threadsafe(self._wake.set)  # once per batch, not per message
@@ -199,6 +206,7 @@ class Ingester:
                     timeout=10,
                     command_timeout=60,
                 )
+                await prepare(conn)
                 rows = await conn.fetch("SELECT pump_id FROM pumps")
                 self._known_pumps = {r[0] for r in rows}
                 if not self._db_ok:

@@ -18,25 +18,39 @@ import asyncpg
 from pumpfleet import contract
 from pumpfleet.contract import Message, Status, Telemetry
 
-_TELEMETRY_SQL = """
-INSERT INTO telemetry (time, pump_id, seq, delivered_ul_per_h, programmed_rate_ul_per_h,
-    programmed_dose_mcg_per_day, reservoir_ml, reservoir_capacity_ml, low_reservoir_alarm_ml,
-    concentration_mcg_per_ml, battery_pct, battery_eri, pump_state, alarms)
-SELECT t, p, s, a1, a2, a3, a4, a5, a6, a7, a8, b, st, al::text[]
-FROM unnest($1::timestamptz[], $2::text[], $3::int8[], $4::float8[], $5::float8[], $6::float8[],
-            $7::float8[], $8::float8[], $9::float8[], $10::float8[], $11::float8[], $12::bool[],
-            $13::text[], $14::text[])
-     AS u(t, p, s, a1, a2, a3, a4, a5, a6, a7, a8, b, st, al)
-ON CONFLICT DO NOTHING
-RETURNING pump_id, seq
+_TELEMETRY_COLUMNS = (
+    "time",
+    "pump_id",
+    "seq",
+    "delivered_ul_per_h",
+    "programmed_rate_ul_per_h",
+    "programmed_dose_mcg_per_day",
+    "reservoir_ml",
+    "reservoir_capacity_ml",
+    "low_reservoir_alarm_ml",
+    "concentration_mcg_per_ml",
+    "battery_pct",
+    "battery_eri",
+    "pump_state",
+    "alarms",
+)
+_STAGE = "telemetry_stage"
+# A session-private staging table: binary COPY into it is the fastest way in, and it empties
+# itself at every commit.
+_STAGE_SQL = f"""
+CREATE TEMP TABLE IF NOT EXISTS {_STAGE} (LIKE telemetry INCLUDING DEFAULTS) ON COMMIT DELETE ROWS
 """
-# Decoding a row per stored message costs the hot path; the server counts instead and names the
-# stored keys only when some were duplicates (a redelivery, which is rare).
+# The server counts what it stored and names the stored keys only when some were duplicates (a
+# redelivery, which is rare): decoding a row per message would cost the hot path.
 _TELEMETRY_SQL = f"""
-WITH ins AS ({_TELEMETRY_SQL})
+WITH ins AS (
+    INSERT INTO telemetry ({", ".join(_TELEMETRY_COLUMNS)})
+    SELECT {", ".join(_TELEMETRY_COLUMNS)} FROM {_STAGE}
+    ON CONFLICT DO NOTHING
+    RETURNING pump_id, seq)
 SELECT count(*)::int,
-       CASE WHEN count(*) < $15 THEN array_agg(pump_id) END,
-       CASE WHEN count(*) < $15 THEN array_agg(seq) END
+       CASE WHEN count(*) < $1 THEN array_agg(pump_id) END,
+       CASE WHEN count(*) < $1 THEN array_agg(seq) END
 FROM ins
 """
 
@@ -93,8 +107,9 @@ class WriteResult:
     registered: list[str] = field(default_factory=list)
 
 
-def _alarms_literal(alarms: Sequence[str]) -> str:
-    return "{" + ",".join(alarms) + "}"
+async def prepare(conn: asyncpg.Connection) -> None:
+    """Once per connection, before the first write_batch."""
+    await conn.execute(_STAGE_SQL)
 
 
 async def write_batch(
@@ -142,24 +157,30 @@ async def write_batch(
             )
             result.registered = register_ids
         if telemetry:
-            stored, pumps, seqs = await conn.fetchrow(
-                _TELEMETRY_SQL,
-                [m.time for m in telemetry],
-                [m.pump_id for m in telemetry],
-                [m.seq for m in telemetry],
-                [m.delivered_ul_per_h for m in telemetry],
-                [m.programmed_rate_ul_per_h for m in telemetry],
-                [m.programmed_dose_mcg_per_day for m in telemetry],
-                [m.reservoir_ml for m in telemetry],
-                [m.reservoir_capacity_ml for m in telemetry],
-                [m.low_reservoir_alarm_ml for m in telemetry],
-                [m.concentration_mcg_per_ml for m in telemetry],
-                [m.battery_pct for m in telemetry],
-                [m.battery_eri for m in telemetry],
-                [m.pump_state.value for m in telemetry],
-                [_alarms_literal(m.alarms) for m in telemetry],
-                len(telemetry),
+            await conn.copy_records_to_table(
+                _STAGE,
+                columns=_TELEMETRY_COLUMNS,
+                records=[
+                    (
+                        m.time,
+                        m.pump_id,
+                        m.seq,
+                        m.delivered_ul_per_h,
+                        m.programmed_rate_ul_per_h,
+                        m.programmed_dose_mcg_per_day,
+                        m.reservoir_ml,
+                        m.reservoir_capacity_ml,
+                        m.low_reservoir_alarm_ml,
+                        m.concentration_mcg_per_ml,
+                        m.battery_pct,
+                        m.battery_eri,
+                        m.pump_state.value,
+                        m.alarms,
+                    )
+                    for m in telemetry
+                ],
             )
+            stored, pumps, seqs = await conn.fetchrow(_TELEMETRY_SQL, len(telemetry))
             if stored == len(telemetry):
                 new_keys.update((m.pump_id, m.seq) for m in telemetry)
             elif stored:

@@ -38,7 +38,7 @@ class IngestSettings(BaseModel):
     shared_group: str | None = Field(
         default=None, description="MQTT 5 shared-subscription group; set to split load."
     )
-    batch_max: int = Field(default=2000, ge=1, le=100_000)
+    batch_max: int = Field(default=1000, ge=1, le=100_000)
     flush_ms: int = Field(default=100, ge=1, le=60_000)
     max_pending: int = Field(
         default=20_000, ge=1, description="Messages held unacknowledged before reading pauses."

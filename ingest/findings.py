@@ -1,0 +1,55 @@
+"""What the alert rules tell the alert lifecycle: a condition on one pump is present or gone.
+
+Rules (ingest/rules/) are pure functions that turn messages and per-pump state into Findings; the
+lifecycle (ingest/alerts/) turns Findings into alerts with one persistent id per (pump, rule),
+phases, acknowledgement, history and notifications. This module is the seam between them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Literal
+
+Priority = Literal["high", "medium", "low", "info"]
+PRIORITY_RANK: dict[str, int] = {"info": 0, "low": 1, "medium": 2, "high": 3}
+"""IEC 60601-1-8 levels, higher is more urgent."""
+
+RULES: tuple[str, ...] = (
+    "critical_pump_alarm",
+    "over_infusion",
+    "under_infusion",
+    "pocket_fill",
+    "refill_discrepancy",
+    "post_mri",
+    "low_reservoir",
+    "refill_due",
+    "battery",
+    "large_dose_change",
+    "telemetry_silence",
+    "sequence_gap",
+)
+"""The rule catalogue of domain.md; scenario files name alerts by these."""
+
+
+@dataclass(frozen=True, slots=True)
+class Finding:
+    """A rule's verdict about one pump at one moment.
+
+    active=True: the condition holds (the lifecycle starts an alert, or continues it, escalating
+    or de-escalating when the priority differs from the open alert's). active=False: the
+    condition has ended (the lifecycle ends the open alert, if any).
+    """
+
+    pump_id: str
+    rule: str
+    active: bool
+    priority: Priority
+    at: datetime
+    """Device time of the message that decided it, or the watchdog's clock for silence."""
+    summary: str
+    details: Mapping[str, Any] = field(default_factory=dict)
+    """The figures that fired it, e.g. {"reservoir_ml": 1.8, "alarm_ml": 2.0}."""
+    seq: int | None = None
+    """seq of the deciding message (None for the watchdog)."""

@@ -64,6 +64,7 @@ class Stats:
     stale_acks_skipped: int = 0
     registered_pumps: int = 0
     db_errors: int = 0
+    hook_errors: int = 0
     batches: int = 0
     last_lag_s: float = 0.0
     last_commit_at: float = 0.0
@@ -118,6 +119,7 @@ class _Collector:
             ),
             ("pumps_registered", s.registered_pumps, "Pumps registered from a first message"),
             ("database_errors", s.db_errors, "Failed database connects and writes"),
+            ("alert_hook_errors", s.hook_errors, "Batches whose alert evaluation failed"),
             ("batches", s.batches, "Committed batches"),
         ):
             yield CounterMetricFamily(f"pumpfleet_ingest_{name}", doc, value=value)

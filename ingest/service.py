@@ -241,7 +241,19 @@ class Ingester:
                     else:
                         msgs, dead = _dead_letter_unknown(batch, unknown)
                 started = time.perf_counter()
-                result = await write_batch(self._db, msgs, dead, register)
+                try:
+                    result = await write_batch(self._db, msgs, dead, register)
+                except _TRANSIENT:
+                    raise
+                except asyncpg.PostgresError as exc:
+                    # Valid by the contract yet refused by the database (a schema out of step
+                    # with the contract, a new constraint): find the culprits instead of
+                    # retrying the batch forever.
+                    log.error(
+                        "database refused a batch; writing its messages one by one",
+                        extra={"error": _one_line(exc), "batch": len(batch)},
+                    )
+                    result = await self._write_one_by_one(self._db, batch, msgs, dead, register)
                 self.stats.observe_commit(time.perf_counter() - started)
                 if register:
                     self._known_pumps |= register
@@ -250,13 +262,7 @@ class Ingester:
                         extra={"pumps": ",".join(sorted(register))},
                     )
                 return result
-            except (
-                TimeoutError,
-                OSError,
-                asyncpg.PostgresConnectionError,
-                asyncpg.InterfaceError,
-                asyncpg.CannotConnectNowError,
-            ) as exc:
+            except _TRANSIENT as exc:
                 log.warning(
                     "batch write failed; retrying",
                     extra={"error": _one_line(exc), "batch": len(batch)},
@@ -268,6 +274,36 @@ class Ingester:
                 self._db = None
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
+
+    async def _write_one_by_one(
+        self,
+        conn: asyncpg.Connection,
+        batch: list[_Item],
+        msgs: list[Message],
+        dead: list[DeadLetter],
+        register: set[str],
+    ) -> WriteResult:
+        """Each message in its own transaction; one the database refuses is dead-lettered."""
+        items = {id(i.msg): i for i in batch if i.msg is not None}
+        total = await write_batch(conn, [], dead, register)
+        for msg in msgs:
+            try:
+                one = await write_batch(conn, [msg], [])
+            except _TRANSIENT:
+                raise
+            except asyncpg.PostgresError as exc:
+                item = items[id(msg)]
+                refused = DeadLetter(
+                    item.topic,
+                    bytes(item.payload),
+                    f"database refused: {_one_line(exc)}",
+                    datetime.fromtimestamp(item.received, UTC),
+                )
+                one = await write_batch(conn, [], [refused])
+            total.new += one.new
+            total.duplicates += one.duplicates
+            total.dead_letters += one.dead_letters
+        return total
 
     def _ack(self, batch: list[_Item]) -> int:
         """Acknowledge what this connection delivered; return how many were stale."""
@@ -287,7 +323,11 @@ class Ingester:
         now = time.time()
         self.stats.observe_batch(batch, result, stale, now)
         if self.on_commit is not None and result.new:
-            await self.on_commit(result.new)
+            try:
+                await self.on_commit(result.new)
+            except Exception:  # the alert engine's bug must not stop storage
+                self.stats.hook_errors += 1
+                log.exception("alert hook failed", extra={"messages": len(result.new)})
         return len(batch)
 
     def pending(self) -> int:
@@ -349,6 +389,18 @@ class Ingester:
             if time.monotonic() > deadline:
                 raise TimeoutError("ingester did not connect to the broker")
             await asyncio.sleep(0.02)
+
+
+_TRANSIENT = (
+    TimeoutError,
+    OSError,
+    asyncpg.PostgresConnectionError,  # class 08
+    asyncpg.InterfaceError,  # connection closed under us
+    asyncpg.exceptions.OperatorInterventionError,  # class 57: shutdown, cannot connect now
+    asyncpg.exceptions.InsufficientResourcesError,  # class 53: disk full, out of memory
+    asyncpg.exceptions.TransactionRollbackError,  # class 40: deadlock, serialization
+)
+"""Errors that go away by themselves: retry the batch. Any other database error is about data."""
 
 
 def _dead_letter_unknown(

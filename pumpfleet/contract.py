@@ -229,7 +229,7 @@ class Status(_Envelope):
 
     kind: Literal["status"] = "status"
     online: bool
-    reason: str | None = Field(default=None, max_length=200)
+    reason: str | None = Field(default=None, max_length=200, pattern=r"^[^\x00-\x1f]*$")
 
 
 EventMessage = (

@@ -341,3 +341,28 @@ async def test_metrics_and_health_endpoints(
         health = (await reader.read()).decode()
         assert health.startswith("HTTP/1.1 200") and '"ok": true' in health
     _ = contract
+
+
+async def test_message_the_database_refuses_is_dead_lettered_not_retried_forever(
+    stack: stack_mod.StackInfo, db_url: str, client_ids: Any
+) -> None:
+    """Valid by the contract yet refused by the database (here a constraint the contract does
+    not know): that message goes to the dead letters, its batch-mates are stored."""
+    conn = await asyncpg.connect(db_url)
+    await conn.execute(
+        "ALTER TABLE telemetry ADD CONSTRAINT test_refuse CHECK (battery_pct <> 42.5)"
+    )
+    await conn.close()
+    msgs = stream(pumps=5, per_pump=20)
+    poison = ("pumps/T-00002/telemetry", telemetry("T-00002", 500, battery_pct=42.5))
+    async with running(settings_for(stack, db_url, client_ids(), flush_ms=500)) as ing:
+        await asyncio.to_thread(publish, stack, [*msgs[:50], poison, *msgs[50:]])
+        await wait_rows(db_url, len(msgs))
+        await wait_rows(db_url, 1, sql="SELECT count(*) FROM dead_letter")
+    assert await count(db_url) == len(msgs)
+    reason = await count(
+        db_url,
+        "SELECT count(*) FROM dead_letter WHERE reason LIKE 'database refused:%test_refuse%'",
+    )
+    assert reason == 1
+    assert ing.stats.dead_lettered == 1

@@ -1,0 +1,481 @@
+"""Each rule through the engine: must fire, must not fire, hysteresis, priority changes, ends."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pytest
+
+from ingest.rules import PumpProfile, RuleEngine, Thresholds
+from ingest.rules.tests.feed import Feed, only
+from pumpfleet.contract import PumpAlarm, PumpState
+
+# critical_pump_alarm ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "alarm",
+    [
+        PumpAlarm.EMPTY_RESERVOIR,
+        PumpAlarm.EOS,
+        PumpAlarm.MOTOR_STALL,
+        PumpAlarm.CRITICAL_MEMORY_ERROR,
+        PumpAlarm.REDUCED_BATTERY_PERFORMANCE,
+    ],
+)
+def test_critical_fires_at_once_on_each_critical_pump_alarm(alarm: PumpAlarm) -> None:
+    feed = Feed()
+    feed.hours(1)
+    found = feed.raise_alarm(alarm)
+    assert only(found, "critical_pump_alarm") == [(True, "high")]
+    assert found[0].details["causes"] == [alarm.value]
+    assert alarm.value.replace("_", " ") in found[0].summary
+
+
+@pytest.mark.parametrize(
+    "alarm", [PumpAlarm.NONCRITICAL_MEMORY_ERROR, PumpAlarm.LOW_RESERVOIR, PumpAlarm.ERI]
+)
+def test_critical_ignores_other_pump_alarms(alarm: PumpAlarm) -> None:
+    feed = Feed()
+    feed.hours(1)
+    feed.raise_alarm(alarm)
+    feed.hours(1)
+    assert only(feed.findings, "critical_pump_alarm") == []
+
+
+def test_critical_seen_in_telemetry_alone_when_the_alarm_event_was_lost() -> None:
+    feed = Feed()
+    feed.hours(1)
+    found = feed.telemetry(alarms=(PumpAlarm.EOS,), pump_state=PumpState.STOPPED)
+    assert only(found, "critical_pump_alarm") == [(True, "high")]
+
+
+def test_critical_flapping_alarm_is_one_alert_and_ends_after_the_clear_hold() -> None:
+    feed = Feed()
+    feed.hours(1)
+    for _ in range(5):  # raised and cleared every 2 minutes
+        feed.raise_alarm(PumpAlarm.MOTOR_STALL)
+        feed.now += timedelta(seconds=60)
+        feed.clear_alarm(PumpAlarm.MOTOR_STALL)
+        feed.now += timedelta(seconds=60)
+    assert only(feed.telemetry(dt_s=300), "critical_pump_alarm") == []  # cleared 6 min ago
+    assert only(feed.telemetry(), "critical_pump_alarm") == [(False, "high")]
+    assert only(feed.findings, "critical_pump_alarm") == [(True, "high"), (False, "high")]
+
+
+def test_critical_new_cause_while_open_is_reported_again() -> None:
+    feed = Feed()
+    feed.raise_alarm(PumpAlarm.MOTOR_STALL)
+    found = feed.raise_alarm(PumpAlarm.EMPTY_RESERVOIR)
+    assert only(found, "critical_pump_alarm") == [(True, "high")]
+    assert set(found[0].details["causes"]) == {"motor_stall", "empty_reservoir"}
+
+
+def test_critical_rate_reset_without_session_until_a_clinician_reprograms() -> None:
+    feed = Feed()
+    feed.hours(1)
+    found = feed.reprogram(12.0, session=False)
+    assert only(found, "critical_pump_alarm") == [(True, "high")]
+    assert "no programming session" in found[-1].summary
+    feed.hours(1)
+    feed.reprogram(500.0, session=True)
+    feed.hours(0.5)
+    assert only(feed.findings, "critical_pump_alarm") == [(True, "high"), (False, "high")]
+
+
+def test_critical_unexplained_drop_seen_in_telemetry_when_nothing_was_lost() -> None:
+    feed = Feed()
+    feed.hours(1)
+    feed.dose_mcg_per_day = 12.0  # no reprogram event at all
+    found = feed.telemetry()
+    assert only(found, "critical_pump_alarm") == [(True, "high")]
+    assert only(found, "large_dose_change") == [(True, "low")]
+
+
+def test_critical_not_claimed_for_a_drop_when_the_reprogram_may_be_in_a_gap() -> None:
+    feed = Feed()
+    feed.hours(1)
+    feed.skip()  # the reprogram event that explains it may be this lost message
+    feed.dose_mcg_per_day = 300.0
+    found = feed.telemetry()
+    assert only(found, "critical_pump_alarm") == []
+    assert only(found, "large_dose_change") == [(True, "low")]
+
+
+def test_critical_stall_event_without_alarm_counts_but_not_during_an_mri() -> None:
+    feed = Feed()
+    feed.hours(1)
+    assert only(feed.stall(), "critical_pump_alarm") == [(True, "high")]
+    feed.recover()
+    other = Feed(pump_id="P-000002")
+    other.hours(1)
+    other.mri()
+    assert only(other.findings, "critical_pump_alarm") == []
+
+
+# over_infusion ----------------------------------------------------------------------------------
+
+
+def test_over_infusion_fires_after_window_and_hold() -> None:
+    feed = Feed()
+    feed.hours(1)
+    feed.flow_factor = 1.25
+    early = feed.hours(2.5)
+    assert only(early, "over_infusion") == []
+    feed.hours(3)
+    assert only(feed.findings, "over_infusion") == [(True, "high")]
+    finding = next(f for f in feed.findings if f.rule == "over_infusion")
+    assert finding.details["deviation_pct"] > 14.5
+    assert finding.summary.startswith("Over-infusion: reservoir fell")
+
+
+def test_over_infusion_not_for_a_pump_within_labelled_accuracy() -> None:
+    feed = Feed()
+    feed.flow_factor = 1.10
+    feed.hours(24)
+    assert feed.findings == []
+
+
+def test_over_infusion_not_for_a_slow_pump_with_reading_resolution_noise() -> None:
+    # 60 mcg/day at 2000 mcg/mL = 1.25 uL/h: a 3 h window holds under 4 uL, so it is not judged
+    # until 20 uL have passed; the 1 uL rounding then stays inside the tolerance.
+    feed = Feed(dose_mcg_per_day=60.0)
+    feed.flow_factor = 1.04
+    feed.hours(72)
+    assert feed.findings == []
+
+
+def test_over_infusion_not_for_boluses_the_rotor_counted() -> None:
+    feed = Feed()
+    feed.hours(4)
+    feed.bolus(100.0, source="clinician")
+    feed.telemetry(delivered_ul_per_h=feed.rate_ul_per_h + 300.0)  # 50 uL in this interval
+    feed.hours(6)
+    assert only(feed.findings, "over_infusion") == []
+
+
+def test_over_infusion_ends_after_normal_flow_for_the_off_hold() -> None:
+    feed = Feed()
+    feed.flow_factor = 1.3
+    feed.hours(5)
+    feed.flow_factor = 1.0
+    feed.hours(10)
+    assert only(feed.findings, "over_infusion") == [(True, "high"), (False, "high")]
+
+
+def test_refill_restarts_the_trend_instead_of_looking_like_under_infusion() -> None:
+    feed = Feed()
+    feed.hours(4)
+    feed.refill(expected_ml=29.6, withdrawn_ml=29.6, injected_ml=20.0)
+    feed.hours(4)
+    feed.reservoir_ml += 5.0  # a refill whose event was lost: the reading jumps up
+    feed.hours(4)
+    assert only(feed.findings, "under_infusion") == []
+    assert only(feed.findings, "over_infusion") == []
+
+
+# under_infusion ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("flow_factor", [0.7, 0.0])
+def test_under_infusion_from_the_trend(flow_factor: float) -> None:
+    feed = Feed()
+    feed.hours(1)
+    feed.flow_factor = flow_factor  # 0.7: -30 %; 0: complete occlusion, reservoir flat
+    feed.hours(5)
+    assert only(feed.findings, "under_infusion") == [(True, "high")]
+
+
+def test_under_infusion_when_the_rotor_stands_still_while_programmed() -> None:
+    feed = Feed()
+    feed.hours(1)
+    feed.state = PumpState.STALLED
+    early = feed.telemetry() + feed.telemetry()  # 10 minutes of zero: not yet
+    assert only(early, "under_infusion") == []
+    found = feed.hours(0.5)
+    assert only(found, "under_infusion") == [(True, "high")]
+    assert "No delivery while programmed" in next(f for f in found).summary
+
+
+def test_under_infusion_not_while_suspended_or_programmed_to_zero() -> None:
+    feed = Feed()
+    feed.hours(1)
+    feed.state = PumpState.SUSPENDED
+    feed.hours(2)
+    zero = Feed(pump_id="P-000002", dose_mcg_per_day=0.0)
+    zero.hours(3)
+    assert feed.findings == [] and zero.findings == []
+
+
+def test_under_infusion_stall_ends_after_delivery_resumes_for_the_off_hold() -> None:
+    feed = Feed()
+    feed.hours(1)
+    feed.state = PumpState.STALLED
+    feed.hours(1)
+    feed.state = PumpState.INFUSING
+    assert only(feed.hours(1.5), "under_infusion") == []
+    assert only(feed.hours(1), "under_infusion") == [(False, "high")]
+
+
+# pocket_fill ------------------------------------------------------------------------------------
+
+
+def test_pocket_fill_on_a_40ml_pump_above_2ml_until_a_clean_refill() -> None:
+    feed = Feed()
+    feed.hours(1)
+    found = feed.refill(expected_ml=29.9, withdrawn_ml=29.9, injected_ml=40.0, after_ml=32.0)
+    assert only(found, "pocket_fill") == [(True, "high")]
+    assert found[0].details["gap_ml"] == 8.0
+    assert "pocket fill" in found[0].summary
+    feed.hours(24)
+    assert only(feed.refill(expected_ml=31.7, withdrawn_ml=31.7), "pocket_fill") == [
+        (False, "high")
+    ]
+
+
+def test_pocket_fill_limits_depend_on_the_reservoir_size() -> None:
+    big = Feed()
+    big.hours(1)
+    assert only(big.refill(29.9, 29.9, injected_ml=40.0, after_ml=38.5), "pocket_fill") == []
+    small = Feed(pump_id="P-000002", capacity_ml=20.0, reservoir_ml=10.0)
+    small.hours(1)
+    found = small.refill(9.9, 9.9, injected_ml=20.0, after_ml=18.5)
+    assert only(found, "pocket_fill") == [(True, "high")]
+
+
+# refill_discrepancy -------------------------------------------------------------------------------
+
+
+def test_refill_discrepancy_medium_then_high_when_repeated_then_ends() -> None:
+    feed = Feed()
+    feed.hours(1)
+    first = feed.refill(expected_ml=29.9, withdrawn_ml=26.8)
+    assert only(first, "refill_discrepancy") == [(True, "medium")]
+    assert first[0].details["discrepancy_ml"] == pytest.approx(3.1)
+    second = feed.refill(expected_ml=36.0, withdrawn_ml=33.0)
+    assert only(second, "refill_discrepancy") == [(True, "high")]
+    assert "2 refills in a row" in second[0].summary
+    third = feed.refill(expected_ml=36.0, withdrawn_ml=35.9)
+    assert only(third, "refill_discrepancy") == [(False, "high")]
+
+
+def test_refill_discrepancy_not_within_2ml_when_the_previous_refill_is_unknown() -> None:
+    feed = Feed()
+    feed.hours(1)
+    assert only(feed.refill(expected_ml=29.9, withdrawn_ml=28.2), "refill_discrepancy") == []
+
+
+def test_refill_discrepancy_as_a_fraction_of_what_was_infused_since_the_last_refill() -> None:
+    feed = Feed()
+    feed.refill(expected_ml=30.0, withdrawn_ml=30.0, injected_ml=10.0)
+    feed.hours(1)
+    # 10 -> 5 mL expected: 5 mL infused; 4.1 withdrawn is 0.9 mL (18 %) off
+    found = feed.refill(expected_ml=5.0, withdrawn_ml=4.1, injected_ml=10.0)
+    assert only(found, "refill_discrepancy") == [(True, "medium")]
+
+
+# post_mri ---------------------------------------------------------------------------------------
+
+
+def test_post_mri_fires_from_the_watchdog_24h_after_the_scan_with_nothing_sent() -> None:
+    feed = Feed()
+    feed.hours(1)
+    feed.mri()
+    feed.tick(0)  # starts the watchdog
+    ended = feed.now
+    assert only(feed.tick(24 * 3600 - 60), "post_mri") == []
+    found = [f for f in feed.tick(60) if f.rule == "post_mri"]
+    assert only(found, "post_mri") == [(True, "high")]
+    assert found[0].seq is None and found[0].at == ended + timedelta(hours=24)
+    assert "24 h" in found[0].summary
+
+
+def test_post_mri_fires_from_telemetry_too_and_ends_on_a_late_recovery() -> None:
+    feed = Feed()
+    feed.hours(1)
+    feed.mri()
+    feed.hours(24)
+    assert only(feed.findings, "post_mri") == [(True, "high")]
+    assert only(feed.findings, "under_infusion") == []  # the MRI stall is post_mri's
+    assert only(feed.recover(), "post_mri") == [(False, "high")]
+
+
+def test_post_mri_not_when_the_rotor_recovers_within_24h() -> None:
+    feed = Feed()
+    feed.hours(1)
+    feed.mri()
+    feed.hours(4)
+    feed.recover()
+    feed.hours(30)
+    feed.tick(0)
+    assert feed.findings == []
+
+
+def test_post_mri_telemetry_showing_delivery_again_counts_as_recovery() -> None:
+    feed = Feed()
+    feed.hours(1)
+    feed.mri()
+    feed.hours(4)
+    feed.state = PumpState.INFUSING  # recovery record logged late, or lost
+    feed.hours(30)
+    assert only(feed.findings, "post_mri") == []
+
+
+# low_reservoir ----------------------------------------------------------------------------------
+
+
+def test_low_reservoir_at_the_pumps_alarm_volume() -> None:
+    feed = Feed(reservoir_ml=1.8)
+    found = feed.telemetry()
+    assert only(found, "low_reservoir") == [(True, "medium")]
+    low = next(f for f in found if f.rule == "low_reservoir")
+    assert low.summary == "Reservoir 1.8 mL at or below alarm volume 2.0 mL"
+    assert low.details["reservoir_ml"] == pytest.approx(1.798, abs=1e-3)
+    assert low.details["alarm_ml"] == 2.0
+
+
+def test_low_reservoir_not_above_the_alarm_volume() -> None:
+    feed = Feed(reservoir_ml=2.2)
+    feed.hours(2)
+    assert only(feed.findings, "low_reservoir") == []
+
+
+def test_low_reservoir_per_pump_override_and_high_risk_profile() -> None:
+    engine = RuleEngine(
+        profiles={
+            "P-000001": PumpProfile(pump_id="P-000001", overrides={"low_reservoir_alarm_ml": 4}),
+            "P-000002": PumpProfile(pump_id="P-000002", high_risk=True),
+        }
+    )
+    for pump_id in ("P-000001", "P-000002", "P-000003"):
+        feed = Feed(engine, pump_id, reservoir_ml=3.9)
+        found = only(feed.telemetry(), "low_reservoir")
+        assert found == ([] if pump_id == "P-000003" else [(True, "medium")])
+
+
+def test_low_reservoir_wobble_does_not_flap_and_a_refill_ends_it() -> None:
+    feed = Feed(reservoir_ml=2.0)
+    feed.telemetry()
+    for value in (2.2, 1.99, 2.3, 2.0):
+        feed.telemetry(reservoir_ml=value)
+    feed.refill(expected_ml=2.0, withdrawn_ml=2.0)
+    feed.hours(0.5)
+    assert only(feed.findings, "low_reservoir") == [(True, "medium"), (False, "medium")]
+
+
+# refill_due -------------------------------------------------------------------------------------
+
+
+def test_refill_due_medium_within_7_days_then_high_within_3() -> None:
+    feed = Feed(reservoir_ml=3.6)  # (3.6 - 2) / 0.25 mL/day = 6.4 days
+    found = feed.telemetry()
+    assert only(found, "refill_due") == [(True, "medium")]
+    assert "6.4 days" in found[0].summary
+    feed.reservoir_ml = 2.74  # 2.9 days
+    assert only(feed.telemetry(), "refill_due") == [(True, "high")]
+
+
+def test_refill_due_not_beyond_7_days() -> None:
+    feed = Feed(reservoir_ml=3.8)  # 7.2 days
+    feed.hours(2)
+    assert only(feed.findings, "refill_due") == []
+
+
+def test_refill_due_uses_the_daily_dose_not_the_current_flex_step() -> None:
+    feed = Feed(reservoir_ml=3.8)
+    feed.hours(1, programmed_rate_ul_per_h=30.0)  # a fast flex step; the day's dose is 500
+    assert only(feed.findings, "refill_due") == []
+
+
+def test_refill_due_counts_the_patients_average_boluses() -> None:
+    feed = Feed(reservoir_ml=4.1)  # 8.4 days at the programmed 0.25 mL/day
+    feed.hours(1)
+    for _ in range(10):  # 10 x 100 mcg = 0.5 mL; over the 7-day average, 0.07 mL/day
+        feed.bolus(100.0)
+    found = feed.telemetry()
+    assert only(found, "refill_due") == [(True, "medium")]
+    assert found[0].details["daily_ml"] == pytest.approx(0.25 + 0.5 / 7, abs=1e-3)
+
+
+def test_refill_due_ends_an_hour_after_a_refill() -> None:
+    feed = Feed(reservoir_ml=2.5)
+    feed.telemetry()
+    feed.refill(expected_ml=2.5, withdrawn_ml=2.5)
+    assert only(feed.hours(0.5), "refill_due") == []
+    assert only(feed.hours(1), "refill_due") == [(False, "high")]
+
+
+# battery ----------------------------------------------------------------------------------------
+
+
+def test_battery_eri_medium_then_high_14_days_before_eos() -> None:
+    feed = Feed()
+    feed.hours(1)
+    feed.eri = True
+    found = feed.raise_alarm(PumpAlarm.ERI)
+    assert only(found, "battery") == [(True, "medium")]
+    assert "EOS in about 90 days" in found[0].summary
+    feed.telemetry(dt_s=75 * 86_400)
+    assert only(feed.telemetry(dt_s=86_400), "battery") == [(True, "high")]
+
+
+def test_battery_eri_already_active_at_first_sight_stays_medium() -> None:
+    feed = Feed()
+    feed.eri = True
+    found = feed.telemetry()
+    assert only(found, "battery") == [(True, "medium")]
+    assert "before monitoring" in found[0].summary
+    feed.telemetry(dt_s=85 * 86_400)
+    assert only(feed.findings, "battery") == [(True, "medium")]
+
+
+def test_battery_eos_is_high_and_no_eri_no_alert() -> None:
+    feed = Feed()
+    feed.hours(1)
+    assert only(feed.findings, "battery") == []
+    feed.eri = True
+    feed.raise_alarm(PumpAlarm.ERI)
+    assert only(feed.raise_alarm(PumpAlarm.EOS), "battery") == [(True, "high")]
+
+
+# large_dose_change ----------------------------------------------------------------------------
+
+
+def test_large_dose_change_from_a_reprogram_once_and_over_after_24h() -> None:
+    feed = Feed(dose_mcg_per_day=400.0)
+    feed.hours(1)
+    found = feed.reprogram(600.0)
+    assert only(found, "large_dose_change") == [(True, "low")]
+    assert found[0].summary == ("Programmed dose changed 400 -> 600 mcg/day (+50 %, limit 20 %)")
+    feed.hours(23.5)  # telemetry carries the new dose: no second finding
+    assert only(feed.findings, "large_dose_change") == [(True, "low")]
+    feed.tick(0)
+    assert only(feed.tick(3600), "large_dose_change") == [(False, "low")]
+
+
+def test_large_dose_change_not_within_20_percent() -> None:
+    feed = Feed(dose_mcg_per_day=400.0)
+    feed.hours(1)
+    feed.reprogram(440.0)
+    feed.hours(1)
+    assert only(feed.findings, "large_dose_change") == []
+
+
+def test_large_dose_change_from_telemetry_when_the_event_is_missing() -> None:
+    feed = Feed(dose_mcg_per_day=400.0)
+    feed.hours(1)
+    feed.dose_mcg_per_day = 600.0
+    found = feed.telemetry()
+    assert only(found, "large_dose_change") == [(True, "low")]
+    assert found[0].details["source"] == "telemetry"
+    assert only(found, "critical_pump_alarm") == []  # a rise is not a battery reset
+
+
+# Thresholds from configuration ------------------------------------------------------------------
+
+
+def test_thresholds_change_what_fires() -> None:
+    strict = Thresholds(large_dose_change_fraction=0.05)
+    feed = Feed(RuleEngine(strict), dose_mcg_per_day=400.0)
+    feed.hours(1)
+    assert only(feed.reprogram(440.0), "large_dose_change") == [(True, "low")]

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import signal
 from typing import Any
 
 from pumpfleet.settings import Settings
+
+log = logging.getLogger("pumpfleet.ingest")
 
 
 def register(sub: Any) -> None:
@@ -20,6 +23,10 @@ def register(sub: Any) -> None:
     )
     p.add_argument("--metrics-port", type=int, default=None, help="/metrics and /healthz port")
     p.set_defaults(handler=_run)
+
+    from ingest.alerts.cli import register as register_alerts
+
+    register_alerts(sub)
 
 
 def _run(args: argparse.Namespace, settings: Settings) -> None:
@@ -39,10 +46,33 @@ def _run(args: argparse.Namespace, settings: Settings) -> None:
 
 
 async def _serve(settings: Settings) -> None:
+    """The ingester, with alerting beside it when the rule engine is installed and enabled."""
+    from ingest.alerts.service import Alerting, build_engine, rules_available
     from ingest.service import Ingester
 
-    ingester = Ingester(settings)
+    alerting: Alerting | None = None
+    if settings.alerts.enabled and rules_available():
+        alerting = Alerting(settings, build_engine(settings))
+        await alerting.start()  # open alerts, profiles and rule state before the first message
+    elif settings.alerts.enabled:
+        log.warning("alerting off: the rule engine (ingest.rules) is not installed")
+    ingester = Ingester(settings, alerting.on_commit if alerting else None)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, ingester.stop)
-    await ingester.run()
+    if alerting is None:
+        await ingester.run()
+        return
+    alerts_task = asyncio.create_task(alerting.run(), name="alerting")
+
+    def _alerting_died(task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            log.error("alerting failed; stopping the ingester", exc_info=task.exception())
+            ingester.stop()  # loud: a supervisor restarts us, rather than ingesting unwatched
+
+    alerts_task.add_done_callback(_alerting_died)
+    try:
+        await ingester.run()  # returns after its last batch (and so its last on_commit)
+    finally:
+        alerting.stop()
+        await alerts_task

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import BaseModel, Field, SecretStr
+from pydantic import BaseModel, Field, SecretStr, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -55,6 +55,65 @@ class IngestSettings(BaseModel):
     )
 
 
+class AlertSettings(BaseModel):
+    """The alert lifecycle and its notifications (ingest/alerts/README.md)."""
+
+    enabled: bool = Field(
+        default=True, description="Run the rules and the alert lifecycle inside `pumpfleet ingest`."
+    )
+    clock: Literal["wall", "fleet"] = Field(
+        default="wall",
+        description="Watchdog and escalation clock: wall time, or the newest device time seen "
+        "(for accelerated simulations).",
+    )
+    tick_s: float = Field(default=5.0, gt=0, le=3600, description="Watchdog period.")
+    unacked_escalation_s: float = Field(
+        default=900.0, gt=0, description="A high alert not acknowledged this long escalates."
+    )
+    continue_history_s: float = Field(
+        default=3600.0,
+        ge=0,
+        description="At most one 'continue' history row per alert this often (0: every one).",
+    )
+    warm_hours: float = Field(
+        default=48.0, ge=0, description="Telemetry and events replayed into the rules at start."
+    )
+    alertmanager_url: str | None = Field(
+        default=None, description="e.g. http://127.0.0.1:9093; unset: nothing is sent there."
+    )
+    alertmanager_resend_s: float = Field(
+        default=60.0,
+        gt=0,
+        description="Open alerts are re-sent this often; keep it well under Alertmanager's "
+        "resolve_timeout (default 5m).",
+    )
+    webhook_url: SecretStr | None = Field(
+        default=None,
+        description="Generic JSON webhook; unset: nothing is sent there. Secret: such URLs "
+        "often carry a key.",
+    )
+    webhook_token: SecretStr | None = Field(
+        default=None, description="Sent as `Authorization: Bearer ...` to the webhook."
+    )
+    generator_url: str = Field(
+        default="http://localhost/pumpfleet/alerts/{alert_id}",
+        description="Link back to the alert, in notifications; {alert_id} is replaced.",
+    )
+    http_timeout_s: float = Field(default=5.0, gt=0, le=120)
+    retry_min_s: float = Field(default=1.0, gt=0, description="First retry delay.")
+    retry_max_s: float = Field(default=300.0, gt=0, description="Retry delay cap.")
+    poll_s: float = Field(default=1.0, gt=0, le=60, description="Outbox poll period.")
+    outbox_keep_days: float = Field(
+        default=30.0, gt=0, description="Delivered notifications are kept this long."
+    )
+
+    @model_validator(mode="after")
+    def _retry_order(self) -> AlertSettings:
+        if self.retry_max_s < self.retry_min_s:
+            raise ValueError("retry_max_s must be at least retry_min_s")
+        return self
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="PUMPFLEET_", env_nested_delimiter="__", extra="forbid"
@@ -64,6 +123,7 @@ class Settings(BaseSettings):
     database_url: SecretStr = SecretStr("postgresql://pumpfleet@127.0.0.1:5432/pumpfleet")
     mqtt: MqttSettings = MqttSettings()
     ingest: IngestSettings = IngestSettings()
+    alerts: AlertSettings = AlertSettings()
     log_level: str = "INFO"
 
     @classmethod

@@ -113,6 +113,8 @@ class AgentStats:
     rejected: int = 0
     """PUBACKs with an error reason code: kept on disk and sent again after a reconnect."""
     thinned: int = 0
+    lost: int = 0
+    """Observations flagged `lost` by a simulator: given a seq, never sent (a sequence gap)."""
     connects: int = 0
     connect_failures: int = 0
 
@@ -120,12 +122,16 @@ class AgentStats:
 # building messages ------------------------------------------------------------------------------
 
 
-def build_entry(pump_id: str, obs: Observation) -> Entry:
+def build_entry(pump_id: str, obs: Observation, speed: float = 1.0) -> Entry:
     """Wrap an observation in the envelope and validate it exactly as the ingester will decode it.
 
     Raises `contract.ContractError` for anything the ingester would reject, so a driver bug never
-    puts invalid bytes on the wire. The seq is filled in when the store assigns it.
+    puts invalid bytes on the wire. The seq is filled in when the store assigns it. `speed` is
+    how many simulated seconds the device clock runs per wall second: `obs.delay_s` is simulated,
+    the entry's `delay_s` is wall-clock.
     """
+    if speed <= 0:
+        raise ValueError("speed must be > 0")
     clash = _ENVELOPE & obs.fields.keys()
     if clash:
         raise contract.ContractError(f"fields carry envelope keys {sorted(clash)}")
@@ -157,7 +163,8 @@ def build_entry(pump_id: str, obs: Observation) -> Entry:
         payload=payload,
         retain=kind is contract.Kind.STATUS,
         duplicate=obs.duplicate,
-        delay_s=max(0.0, obs.delay_s),
+        delay_s=max(0.0, obs.delay_s) / speed,
+        lost=obs.lost,
     )
 
 
@@ -199,6 +206,7 @@ class Agent:
         *,
         clock: Callable[[], datetime] = utc_now,
         inflight: int = 100,
+        speed: float | None = None,
         reconnect_min_s: float = 1.0,
         reconnect_max_s: float = 60.0,
         connect_timeout_s: float = 5.0,
@@ -213,6 +221,10 @@ class Agent:
         self.broker = broker
         self.pump_id = driver.pump_id
         self.clock = clock
+        self.speed = float(speed if speed is not None else getattr(clock, "speed", 1.0))
+        """Simulated seconds per wall second of `clock` (a `SimClock` says); scales `delay_s`."""
+        if self.speed <= 0:
+            raise ValueError("speed must be > 0")
         self.inflight = inflight
         self.reconnect_min_s = reconnect_min_s
         self.reconnect_max_s = reconnect_max_s
@@ -321,7 +333,7 @@ class Agent:
         entries = []
         for obs in self.driver.advance(self.clock()):
             try:
-                entries.append(build_entry(self.pump_id, obs))
+                entries.append(build_entry(self.pump_id, obs, self.speed))
             except contract.ContractError as exc:
                 self.stats.invalid += 1
                 log.error(
@@ -331,7 +343,9 @@ class Agent:
         if not entries:
             return
         result = self.store.append(entries)
-        self.stats.queued += len(result.seqs)
+        lost = sum(e.lost for e in entries)
+        self.stats.queued += len(result.seqs) - lost
+        self.stats.lost += lost
         self._dirty = True
         if result.thinned:
             self.stats.thinned += result.thinned

@@ -84,6 +84,9 @@ class Entry:
     retain: bool = False
     duplicate: bool = False
     delay_s: float = 0.0
+    """Wall-clock seconds to hold it back (later messages overtake it)."""
+    lost: bool = False
+    """A simulated loss: `append` spends a seq on it and stores nothing (a sequence gap)."""
 
 
 @dataclass(frozen=True)
@@ -102,6 +105,7 @@ class Queued:
 @dataclass(frozen=True)
 class AppendResult:
     seqs: list[int]
+    """Every seq spent, in order (`lost` entries' included)."""
     thinned: int = 0
     """Old telemetry messages deleted to stay within the bound."""
     over_limit: bool = False
@@ -225,14 +229,18 @@ class Store:
     # queue --------------------------------------------------------------------------------------
 
     def append(self, entries: Sequence[Entry]) -> AppendResult:
-        """Queue messages under the next seqs, in order, in one commit; then enforce the bound."""
+        """Queue messages under the next seqs, in order, in one commit; then enforce the bound.
+
+        Every entry gets a seq; a `lost` one (a simulated loss) is not stored.
+        """
         if not entries:
             return AppendResult([])
         with self.transaction():
             first = self.reserve(len(entries))
             seqs = list(range(first, first + len(entries)))
             for seq, entry in zip(seqs, entries, strict=True):
-                self._insert(seq, entry)
+                if not entry.lost:
+                    self._insert(seq, entry)
             thinned, over = self._enforce_limits()
         return AppendResult(seqs, thinned, over)
 

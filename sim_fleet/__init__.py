@@ -1,16 +1,22 @@
-"""Fleet simulator: pure models of ITB pumps, a realistic fleet, and scenario files.
+"""Fleet simulator: pure models of ITB pumps, a realistic fleet, and scenario files; and the
+transports that put them on the wire.
 
 `Pump.advance(until)` is the seam: it returns the observations a pump would send in that span
-of simulated time; a transport (MQTT, a test, a load generator) adds the envelope and sends.
+of simulated time; a transport adds the envelope and sends. `run_scenario` (`pumpfleet sim run`)
+paces a scenario's fleet through the broker; `run_load` (`pumpfleet sim load`) is the benchmark
+load generator.
 """
 
+from device_agent.driver import Observation, ObservationKind
 from sim_fleet.fleet import (
     FleetMix,
     advance_fleet,
+    agent_driver,
     make_fleet,
     pump_id,
     routine_refill_days,
 )
+from sim_fleet.load import LoadConfig, LoadReport, run_load
 from sim_fleet.model import (
     CONCENTRATIONS_MCG_PER_ML,
     EOS_AFTER_ERI_DAYS,
@@ -29,8 +35,6 @@ from sim_fleet.model import (
     MessageLoss,
     MotorStallFault,
     MriScan,
-    Observation,
-    ObservationKind,
     OutOfOrderDelivery,
     OverInfusion,
     PatientBolusPress,
@@ -47,6 +51,7 @@ from sim_fleet.model import (
     rate_ul_per_h,
     scaled_schedule,
 )
+from sim_fleet.run import RunOptions, RunStats, run_scenario
 from sim_fleet.scenario import (
     RULES,
     TIMELINE_TYPES,
@@ -81,6 +86,8 @@ __all__ = [
     "ExpectedAlert",
     "Fault",
     "FleetMix",
+    "LoadConfig",
+    "LoadReport",
     "MemoryFault",
     "MessageLoss",
     "MotorStallFault",
@@ -95,12 +102,15 @@ __all__ = [
     "PumpSpec",
     "RaisedAlert",
     "RefillVisit",
+    "RunOptions",
+    "RunStats",
     "Scenario",
     "ScenarioError",
     "SimRun",
     "TelemetrySilence",
     "UnderInfusion",
     "advance_fleet",
+    "agent_driver",
     "build_run",
     "builtin_scenarios",
     "continuous_schedule",
@@ -115,5 +125,7 @@ __all__ = [
     "pump_id",
     "rate_ul_per_h",
     "routine_refill_days",
+    "run_load",
+    "run_scenario",
     "scaled_schedule",
 ]

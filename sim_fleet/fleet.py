@@ -8,9 +8,11 @@ with the estimate drift its own flow bias has built up since the last refill.
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import math
 import random
+import zlib
 from collections.abc import Iterable
 from datetime import datetime
 
@@ -180,3 +182,17 @@ def advance_fleet(pumps: Iterable[Pump], until: datetime) -> list[tuple[str, Obs
     """Advance every pump to `until`; (pump_id, observation) pairs in simulated-time order."""
     streams = [[(o.sim_time, p.spec.pump_id, o) for o in p.advance(until)] for p in pumps]
     return [(pid, obs) for _, pid, obs in heapq.merge(*streams, key=lambda x: x[0])]
+
+
+def agent_driver(pump_id: str, *, start: datetime, reporting_interval_s: float = 600.0) -> Pump:
+    """A realistic pump for the device agent: `pumpfleet agent --driver sim_fleet:agent_driver`.
+
+    Drawn from the default fleet mix with a seed taken from the pump id, so the same id always
+    gets the same pump.
+    """
+    spec = make_fleet(1, zlib.crc32(pump_id.encode()))[0]
+    interval = max(1, round(reporting_interval_s))
+    spec = dataclasses.replace(
+        spec, pump_id=pump_id, reporting_interval_s=interval, report_offset_s=0
+    )
+    return Pump(spec, start)

@@ -16,14 +16,12 @@ from __future__ import annotations
 import heapq
 import math
 import random
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any
 
-from pydantic import TypeAdapter
-
-from pumpfleet import contract
+from device_agent.driver import Observation, ObservationKind, PumpDriver
 from pumpfleet.contract import DosingMode, FlexStep, PumpAlarm, PumpState, Schedule
 
 RESERVOIR_SIZES_ML = (20.0, 40.0)
@@ -466,45 +464,8 @@ Fault = (
 
 
 # What the pump sends ----------------------------------------------------------------------------
-
-ObservationKind = Literal["telemetry", "event", "status"]
-
-_TELEMETRY = TypeAdapter(contract.Telemetry)
-_EVENT: TypeAdapter[Any] = TypeAdapter(contract.Event)
-_STATUS = TypeAdapter(contract.Status)
-
-
-@dataclass(frozen=True, slots=True)
-class Observation:
-    """One message the pump would send, minus the envelope the agent adds (v, pump_id, seq, kind).
-
-    `fields` hold plain values: numbers, bools, contract enums, tuples, datetimes, and schedules
-    as dicts (`Schedule.model_dump()`), so they both validate strictly in Python and serialise
-    with a JSON encoder that knows enums and datetimes.
-
-    `time` is the device clock (true time + skew) and goes into the message; `sim_time` is the
-    true simulated time it is sent at, which a transport uses to pace a run. The flags tell the
-    transport to misbehave: send twice, hold back `delay_s` simulated seconds, or drop after
-    assigning a seq (so the receiver sees a gap).
-    """
-
-    kind: ObservationKind
-    time: datetime
-    fields: Mapping[str, Any]
-    sim_time: datetime
-    duplicate: bool = False
-    delay_s: float = 0.0
-    lost: bool = False
-
-    def to_message(self, pump_id: str, seq: int) -> contract.Message:
-        """The contract message with its envelope; raises pydantic's ValidationError if bad."""
-        body = {"v": contract.CONTRACT_VERSION, "pump_id": pump_id, "seq": seq, "time": self.time}
-        body.update(self.fields)
-        if self.kind == "telemetry":
-            return _TELEMETRY.validate_python(body)
-        if self.kind == "event":
-            return _EVENT.validate_python(body)
-        return _STATUS.validate_python(body)
+# `Observation` lives in device_agent.driver (the one type every transport takes) and is
+# re-exported here and from sim_fleet.
 
 
 # The pump ---------------------------------------------------------------------------------------
@@ -873,7 +834,17 @@ class Pump:
                     lost = True
         sim_time = _to_dt(now)
         device_time = _to_dt(now + self._skew_s) if self._skew_s else sim_time
-        out.append(Observation(kind, device_time, fields, sim_time, duplicate, delay_s, lost))
+        out.append(
+            Observation(
+                kind,
+                device_time,
+                fields,
+                duplicate=duplicate,
+                delay_s=delay_s,
+                sim_time=sim_time,
+                lost=lost,
+            )
+        )
 
     def _event(self, out: list[Observation], event: str, **fields: Any) -> None:
         fields["event"] = event
@@ -1098,3 +1069,9 @@ class Pump:
             return max(0.0, self._battery_pct - self._drain_pct_per_s * (t - self._now_s))
         left = 1.0 - (t - self._eri_at_s) / (EOS_AFTER_ERI_DAYS * _DAY_S)
         return max(0.0, min(100.0, self.spec.eri_battery_pct * left))
+
+
+if TYPE_CHECKING:  # mypy proves that the agent can drive a simulated pump
+
+    def _pump_is_a_driver(pump: Pump) -> PumpDriver:
+        return pump

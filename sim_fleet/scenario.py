@@ -480,33 +480,56 @@ class SimRun:
             return self.end
         return min(self.end, self.start + timedelta(seconds=wall_elapsed_s * speed))
 
+    def outcomes(
+        self, raised: Iterable[RaisedAlert]
+    ) -> list[tuple[ExpectedAlert, RaisedAlert | None]]:
+        """Each expected alert with the first raised alert that meets it (None: missed)."""
+        ordered = sorted(raised, key=lambda a: a.time)
+        return [
+            (
+                e,
+                next(
+                    (
+                        a
+                        for a in ordered
+                        if a.pump_id == e.pump_id
+                        and a.rule == e.rule
+                        and a.priority == e.priority
+                        and e.after <= a.time <= e.due
+                    ),
+                    None,
+                ),
+            )
+            for e in self.expected
+        ]
+
+    def unexpected(self, raised: Iterable[RaisedAlert]) -> list[RaisedAlert]:
+        """Alerts on a (pump, rule) nobody expected or allowed, first of each priority; only
+        a strict scenario counts them as failures."""
+        known = {(e.pump_id, e.rule) for e in self.expected} | self.allowed
+        seen: set[tuple[str, str, str]] = set()
+        out = []
+        for a in sorted(raised, key=lambda a: a.time):
+            key = (a.pump_id, a.rule, a.priority)
+            if (a.pump_id, a.rule) not in known and key not in seen:
+                seen.add(key)
+                out.append(a)
+        return out
+
     def check(self, raised: Iterable[RaisedAlert]) -> list[str]:
         """What the pipeline got wrong: missing or late expected alerts, and (if strict)
         alerts nobody expected. An empty list is a pass."""
         raised = list(raised)
-        problems = []
-        for e in self.expected:
-            if not any(
-                a.pump_id == e.pump_id
-                and a.rule == e.rule
-                and a.priority == e.priority
-                and e.after <= a.time <= e.due
-                for a in raised
-            ):
-                problems.append(
-                    f"missing: {e.pump_id} {e.rule} ({e.priority}) by {e.due.isoformat()} "
-                    f"after {e.cause}"
-                )
+        problems = [
+            f"missing: {e.pump_id} {e.rule} ({e.priority}) by {e.due.isoformat()} after {e.cause}"
+            for e, met in self.outcomes(raised)
+            if met is None
+        ]
         if self.scenario.strict:
-            known = {(e.pump_id, e.rule) for e in self.expected} | self.allowed
-            seen: set[tuple[str, str, str]] = set()
-            for a in sorted(raised, key=lambda a: a.time):
-                key = (a.pump_id, a.rule, a.priority)
-                if (a.pump_id, a.rule) not in known and key not in seen:
-                    seen.add(key)
-                    problems.append(
-                        f"unexpected: {a.pump_id} {a.rule} ({a.priority}) at {a.time.isoformat()}"
-                    )
+            problems += [
+                f"unexpected: {a.pump_id} {a.rule} ({a.priority}) at {a.time.isoformat()}"
+                for a in self.unexpected(raised)
+            ]
         return problems
 
 

@@ -62,6 +62,49 @@ def test_build_entry_rejects_what_breaks_the_contract(obs: Observation, error: s
         build_entry(PUMP, obs)
 
 
+def test_observation_carries_sim_time_and_transport_flags() -> None:
+    plain = Observation("telemetry", NOW, telemetry_fields())
+    assert plain.sim_time == NOW and not (plain.duplicate or plain.lost) and plain.delay_s == 0
+    skewed = Observation("event", NOW, {"event": "mri_start"}, sim_time=NOW - timedelta(minutes=4))
+    assert skewed.sim_time != skewed.time
+    message = skewed.to_message(PUMP, 7)
+    assert isinstance(message, contract.MriStart) and message.seq == 7
+
+
+def test_build_entry_turns_simulated_delay_into_wall_seconds_and_keeps_lost() -> None:
+    obs = Observation("telemetry", NOW, telemetry_fields(), delay_s=1200.0, lost=True)
+    assert build_entry(PUMP, obs).delay_s == 1200.0, "real time: simulated = wall"
+    fast = build_entry(PUMP, obs, speed=600.0)
+    assert fast.delay_s == 2.0 and fast.lost
+    with pytest.raises(ValueError, match="speed"):
+        build_entry(PUMP, obs, speed=0)
+
+
+def test_agent_spends_a_seq_on_a_lost_observation_and_scales_delay_by_its_clock(
+    tmp_path: Path,
+) -> None:
+    observations = [
+        Observation("telemetry", NOW - timedelta(minutes=30), telemetry_fields(15.0)),
+        Observation("telemetry", NOW - timedelta(minutes=20), telemetry_fields(14.9), lost=True),
+        Observation(
+            "telemetry", NOW - timedelta(minutes=10), telemetry_fields(14.8), delay_s=3600.0
+        ),
+    ]
+    clock = SimClock(NOW, speed=60.0)
+    with Store(tmp_path / "q.sqlite3", PUMP, wall_clock=lambda: 1000.0) as store:
+        agent = Agent(ScriptedDriver(PUMP, observations), store, BrokerOptions(port=free_port()))
+        assert agent.speed == 1.0, "a plain clock runs at real time"
+        agent = Agent(
+            ScriptedDriver(PUMP, observations), store, BrokerOptions(port=free_port()), clock=clock
+        )
+        assert agent.speed == 60.0, "taken from the SimClock"
+        agent._produce()
+        queued = store.messages()
+        assert [m.seq for m in queued] == [1, 3], "seq 2 was spent on the lost one"
+        assert agent.stats.lost == 1 and agent.stats.queued == 2
+        assert queued[1].not_before == 1000.0 + 60.0, "3600 simulated s at 60x = 60 wall s"
+
+
 def test_offline_agent_queues_in_order_counts_invalid_and_logs_one_line(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

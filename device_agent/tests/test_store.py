@@ -147,6 +147,14 @@ def test_held_back_messages_are_not_due_until_their_time(path: Path) -> None:
         assert store.next_release() is None
 
 
+def test_a_lost_entry_spends_its_seq_and_stores_nothing(path: Path) -> None:
+    with Store(path, PUMP) as store:
+        result = store.append([entry(), entry(lost=True), entry()])
+        assert result.seqs == [1, 2, 3], "the lost one got a seq"
+        assert seqs(store) == [1, 3], "and was never queued: the receiver sees a gap at 2"
+        assert store.next_seq == 4 and len(store) == 2
+
+
 def test_will_pair_is_reserved_once_and_kept_until_used(path: Path) -> None:
     with Store(path, PUMP) as store:
         assert store.will() is None

@@ -22,6 +22,7 @@ import asyncio
 import json
 import multiprocessing as mp
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -379,33 +380,87 @@ async def ingester_drain(
     }
 
 
+def _probe(mqtt_url: str, stop: threading.Event, sent: list[int]) -> None:
+    """Latency probes: one pump's telemetry every 20 ms stamped with the wall clock."""
+    url = urllib.parse.urlsplit(mqtt_url)
+    client = mqtt.Client(
+        callback_api_version=CallbackAPIVersion.VERSION2,
+        client_id=f"bench-probe-{uuid.uuid4().hex[:6]}",
+        protocol=mqtt.MQTTv5,
+    )
+    client.connect(url.hostname or "127.0.0.1", url.port or 1883)
+    client.loop_start()
+    infos = []
+    while not stop.wait(0.02):
+        seq = len(infos)
+        infos.append(
+            client.publish(
+                contract.topic("PROBE-0001", "telemetry"),
+                _payload("PROBE-0001", seq, datetime.now(UTC)),
+                qos=1,
+            )
+        )
+    for info in infos:
+        info.wait_for_publish(60)
+    sent.append(len(infos))
+    client.disconnect()
+    client.loop_stop()
+
+
 async def sustained(
-    info: stack_mod.StackInfo, rate: float, seconds: float, workers: int, workdir: Path
+    info: stack_mod.StackInfo, rate: float, seconds: float, workdir: Path
 ) -> dict[str, float]:
+    """`pumpfleet sim load` at `rate` while the ingester runs; latency from probe messages."""
     dsn = await fresh_db(info, f"bench_sustained_{uuid.uuid4().hex[:6]}")
-    cid = f"bench-sustained-{uuid.uuid4().hex[:6]}"
+    env = ingester_env(info, dsn, f"bench-sustained-{uuid.uuid4().hex[:6]}")
+    port = stack_mod.free_port()
+    env["PUMPFLEET_INGEST__METRICS_PORT"] = str(port)
     proc = Watched(
-        [sys.executable, "-m", "pumpfleet.cli", "ingest"],
-        ingester_env(info, dsn, cid),
-        workdir / "sustained.log",
+        [sys.executable, "-m", "pumpfleet.cli", "ingest"], env, workdir / "sustained.log"
     )
     try:
-        await asyncio.sleep(1.0)  # let it connect and subscribe before the first publish
-        cpu0, t0 = proc.cpu_s(), time.perf_counter()
-        n = int(rate * seconds)
-        achieved = await asyncio.to_thread(publish, info.mqtt_url, n, workers, rate)
-        await wait_count(dsn, n // workers * workers, timeout=120)
-        cpu, elapsed, rss = proc.cpu_s() - cpu0, time.perf_counter() - t0, proc.peak_rss_mb()
+        await wait_healthy(port)
+        cpu0, others0, t0 = proc.cpu_s(), cpu_by_program(), time.perf_counter()
+        stop, probes = threading.Event(), []
+        prober = threading.Thread(target=_probe, args=(info.mqtt_url, stop, probes))
+        prober.start()
+        load = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "pumpfleet.cli",
+            "sim",
+            "load",
+            "--pumps",
+            "10000",
+            "--rate",
+            str(rate),
+            "--duration",
+            str(seconds),
+            env=env,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.DEVNULL,
+        )
+        out, _ = await load.communicate()
+        stop.set()
+        await asyncio.to_thread(prober.join)
+        report = out.decode()
+        (workdir / "sim_load.txt").write_text(report)
+        acked = int(re.search(r"^acknowledged\s+([\d,]+)", report, re.M)[1].replace(",", ""))
+        achieved = float(re.search(r"acknowledged .*?, ([\d,]+) msg/s", report)[1].replace(",", ""))
+        total = acked + probes[0]
+        await wait_count(dsn, total, timeout=120)
+        elapsed = time.perf_counter() - t0
+        cpu, rss, others = proc.cpu_s() - cpu0, proc.peak_rss_mb(), cpu_by_program()
     finally:
         proc.stop()
-    total = n // workers * workers
     loss, dup = await loss_and_duplicates(dsn, total)
     conn = await asyncpg.connect(dsn)
     try:
         p50, p99, pmax = await conn.fetchrow(
             "SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY l), "
             "percentile_cont(0.99) WITHIN GROUP (ORDER BY l), max(l) FROM "
-            "(SELECT extract(epoch FROM received_at - time) AS l FROM telemetry) x"
+            "(SELECT extract(epoch FROM received_at - time) AS l FROM telemetry "
+            " WHERE pump_id = 'PROBE-0001') x"
         )
     finally:
         await conn.close()
@@ -415,12 +470,29 @@ async def sustained(
         "p50": p50,
         "p99": p99,
         "max": pmax,
+        "probes": probes[0],
         "cpu_pct": 100 * cpu / elapsed,
         "rss_mb": rss,
+        "broker_pct": 100 * (others["mosquitto"] - others0["mosquitto"]) / elapsed,
+        "db_pct": 100 * (others["postgres"] - others0["postgres"]) / elapsed,
         "loss": loss,
         "dup": dup,
         "n": total,
     }
+
+
+async def wait_healthy(port: int, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(b"GET /healthz HTTP/1.1\r\n\r\n")
+            if (await reader.read()).startswith(b"HTTP/1.1 200"):
+                return
+        except OSError:
+            pass
+        await asyncio.sleep(0.1)
+    raise SystemExit("the ingester did not become healthy")
 
 
 async def main() -> None:
@@ -465,14 +537,16 @@ async def main() -> None:
                 f"(CPU {nv['cpu_pct']:.0f} %, loss {nv['loss']:.0f}, dup {nv['dup']:.0f})"
             )
         if "sustained" not in skip:
-            s = await sustained(info, args.rate, args.seconds, args.workers, workdir)
+            s = await sustained(info, args.rate, args.seconds, workdir)
             res["sustained"] = s
             print(
-                f"sustained {s['offered']:,.0f} msg/s offered for {args.seconds:.0f} s: "
-                f"publishers achieved {s['achieved']:,.0f} msg/s; publish-to-commit p50 "
+                f"sustained {s['offered']:,.0f} msg/s offered for {args.seconds:.0f} s by "
+                f"`pumpfleet sim load` (10,000 pumps): acknowledged {s['achieved']:,.0f} msg/s; "
+                f"publish-to-commit ({s['probes']:,} probes) p50 "
                 f"{s['p50'] * 1000:.0f} ms, p99 {s['p99'] * 1000:.0f} ms, max "
                 f"{s['max'] * 1000:.0f} ms; ingester CPU {s['cpu_pct']:.0f} %, peak RSS "
-                f"{s['rss_mb']:.0f} MB; loss {s['loss']:.0f}, duplicates {s['dup']:.0f} "
+                f"{s['rss_mb']:.0f} MB; mosquitto CPU {s['broker_pct']:.0f} %, PostgreSQL CPU "
+                f"{s['db_pct']:.0f} %; loss {s['loss']:.0f}, duplicates {s['dup']:.0f} "
                 f"of {s['n']:,}"
             )
         d, nv = res.get("drain"), res.get("naive")

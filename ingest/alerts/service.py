@@ -149,7 +149,7 @@ class Alerting:
     # clock -------------------------------------------------------------------------------------
 
     def now(self) -> datetime | None:
-        """The watchdog's 'now': wall time, or the newest device time seen (None before any)."""
+        """The watchdog's 'now': wall time, or the newest telemetry/event device time seen."""
         if self._clock is not None:
             return self._clock()
         if self.cfg.clock == "fleet":
@@ -187,7 +187,9 @@ class Alerting:
         latest = self._fleet_now
         arrived = datetime.now(UTC)
         for msg in msgs:
-            if latest is None or msg.time > latest:
+            # Statuses do not move the fleet clock: a retained one replays an old device time,
+            # or any time at all, to every new subscriber.
+            if msg.kind != "status" and (latest is None or msg.time > latest):
                 latest = msg.time
             try:
                 if self._received_at:
@@ -400,7 +402,7 @@ class Alerting:
                         "rule engine failed warming",
                         extra={"pump_id": msg.pump_id, "seq": msg.seq},
                     )
-                if self._fleet_now is None or msg.time > self._fleet_now:
+                if msg.kind != "status" and (self._fleet_now is None or msg.time > self._fleet_now):
                     self._fleet_now = msg.time
                 count += 1
         self.stats.warmed = count

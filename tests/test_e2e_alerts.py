@@ -1,0 +1,175 @@
+"""End to end: the simulator's scenarios through the real broker, ingester (with alerting),
+database and Alertmanager. Each scenario must raise exactly the alerts it lists, at the right
+priority, within its deadlines (`pumpfleet sim run --check` judges that), and Alertmanager must
+receive, group and resolve them."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from ingest.alerts.tests.helpers import Sink
+from pumpfleet import alertmanager, schema
+from pumpfleet import stack as stack_mod
+
+pytestmark = pytest.mark.integration
+
+
+async def _until(check: Any, timeout: float, what: str) -> Any:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while asyncio.get_running_loop().time() < deadline:
+        result = await check()
+        if result:
+            return result
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+class Pipeline:
+    """`pumpfleet ingest` with alerting, as a process, pointed at a real Alertmanager."""
+
+    def __init__(self, info: stack_mod.StackInfo, dsn: str, am_url: str, log: Path) -> None:
+        self.port = stack_mod.free_port()
+        self.env = {
+            **os.environ,
+            **info.to_env(),
+            "PUMPFLEET_DATABASE_URL": dsn,
+            "PUMPFLEET_INGEST__CLIENT_ID": f"e2e-{uuid.uuid4().hex[:8]}",
+            "PUMPFLEET_INGEST__METRICS_PORT": str(self.port),
+            # The simulation runs thousands of times faster than the wall clock, so the
+            # watchdog follows the fleet's device time and looks often.
+            "PUMPFLEET_ALERTS__CLOCK": "fleet",
+            "PUMPFLEET_ALERTS__TICK_S": "0.1",
+            "PUMPFLEET_ALERTS__ALERTMANAGER_URL": am_url,
+        }
+        self.log = log
+        with log.open("ab") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "pumpfleet.cli", "ingest"],
+                env=self.env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+
+    async def healthy(self) -> bool:
+        try:
+            async with httpx.AsyncClient() as client:
+                resp = await client.get(f"http://127.0.0.1:{self.port}/healthz", timeout=1)
+                return resp.status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def sim(self, *args: str, timeout: float) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "pumpfleet.cli", "sim", "run", *args],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+@pytest.fixture
+def sink() -> Iterator[Sink]:
+    s = Sink()
+    try:
+        yield s
+    finally:
+        s.close()
+
+
+@pytest.fixture
+def am(tmp_path: Path, sink: Sink) -> Iterator[alertmanager.Alertmanager]:
+    with alertmanager.running(tmp_path / "alertmanager", sink.url) as running:
+        yield running
+
+
+@pytest.fixture
+def own_stack(tmp_path: Path) -> Iterator[stack_mod.StackInfo]:
+    """A broker and database of this test's own: scenarios reuse pump ids, and a broker keeps
+    their retained statuses, which a later scenario's ingester would receive as history."""
+    with stack_mod.running_stack(tmp_path / "stack", purge=True) as info:
+        yield info
+
+
+@pytest.fixture
+async def pipeline(
+    own_stack: stack_mod.StackInfo, am: alertmanager.Alertmanager, tmp_path: Path
+) -> Any:
+    dsn = own_stack.database_url
+    await schema.migrate(dsn)
+    p = Pipeline(own_stack, dsn, am.url, tmp_path / "ingest.log")
+    try:
+        await _until(p.healthy, 30, f"a healthy ingester (log: {p.log})")
+        yield p
+    finally:
+        p.stop()
+
+
+async def test_fault_scenario_raises_exactly_its_alerts_and_alertmanager_has_them(
+    pipeline: Pipeline, am: alertmanager.Alertmanager, sink: Sink
+) -> None:
+    run = await asyncio.to_thread(
+        pipeline.sim,
+        "faults",
+        "--speed",
+        "2880",
+        "--check",
+        "--check-timeout",
+        "60",
+        timeout=400,
+    )
+    assert run.returncode == 0, f"sim run --check failed:\n{run.stdout[-4000:]}{run.stderr[-2000:]}"
+    assert "check passed" in run.stdout.lower() or "0 unexpected" in run.stdout
+
+    async def am_has() -> list[dict[str, Any]]:
+        async with httpx.AsyncClient() as client:
+            resp = await client.get(f"{am.url}/api/v2/alerts")
+        listed = {(a["labels"]["alertname"], a["labels"]["pump_id"]) for a in resp.json()}
+        return resp.json() if ("pocket_fill", "P-000008") in listed else []
+
+    alerts = await _until(am_has, 30, "Alertmanager to list the scenario's alerts")
+    pocket = next(a for a in alerts if a["labels"]["alertname"] == "pocket_fill")
+    assert pocket["labels"]["priority"] == "high"
+    assert pocket["annotations"]["summary"]
+
+    async def grouped_and_resolved() -> bool:
+        bodies = sink.bodies
+        firing = [b for b in bodies if b.get("status") == "firing" and b.get("groupLabels")]
+        resolved = [a for b in bodies for a in b.get("alerts", []) if a["status"] == "resolved"]
+        return bool(firing) and bool(resolved)
+
+    await _until(grouped_and_resolved, 30, "Alertmanager to notify a group and a resolution")
+    grouped = [b for b in sink.bodies if len(b.get("alerts", [])) > 1]
+    assert grouped, "Alertmanager never grouped two alerts into one notification"
+
+
+async def test_healthy_fleet_raises_nothing(pipeline: Pipeline) -> None:
+    run = await asyncio.to_thread(
+        pipeline.sim,
+        "healthy",
+        "--speed",
+        "max",
+        "--check",
+        "--check-timeout",
+        "20",
+        timeout=400,
+    )
+    assert run.returncode == 0, f"sim run --check failed:\n{run.stdout[-4000:]}{run.stderr[-2000:]}"

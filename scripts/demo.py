@@ -1,11 +1,14 @@
 """`make demo`: the pipeline end to end on this machine, with real mosquitto and PostgreSQL.
 
-1. starts the local stack (`pumpfleet stack up`) and applies the migrations;
-2. starts the ingester;
+1. starts a clean local stack (`pumpfleet stack up`), applies the migrations, and starts a
+   Prometheus Alertmanager;
+2. starts the ingester with alerting;
 3. runs a few pump agents on simulated pumps at high clock speed;
 4. publishes a malformed, a spoofed and an out-of-range message by hand;
-5. shows what reached the database: rows per table, the newest reading per pump, and the
-   dead-lettered messages with their reasons.
+5. runs the `faults` scenario (28 pumps, two simulated days, one fault per pump) through the
+   broker and checks that exactly the expected alerts were raised;
+6. shows what reached the database (rows, newest readings, dead letters with their reasons), the
+   open alerts as on-call sees them, and what Alertmanager holds.
 The stack stays up afterwards so you can look around; `pumpfleet stack down` stops it.
 """
 
@@ -27,11 +30,11 @@ import asyncpg
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
-from pumpfleet import contract, schema, stack
+from pumpfleet import alertmanager, contract, schema, stack
 
 RUN_DIR = Path(os.environ.get("PUMPFLEET_RUN_DIR", ".pumpfleet"))
-PUMPS = ["P-000001", "P-000002", "P-000003"]
-AGENT_SECONDS = 12
+PUMPS = ["AG-000001", "AG-000002", "AG-000003"]
+AGENT_SECONDS = 8
 
 
 def step(text: str) -> None:
@@ -65,7 +68,7 @@ def publish_by_hand(info: stack.StackInfo) -> None:
     valid_for_p3 = contract.encode(
         contract.Telemetry(
             v=1,
-            pump_id="P-000003",
+            pump_id="AG-000003",
             time=datetime.now(UTC),
             seq=10**9,
             delivered_ul_per_h=10.4,
@@ -81,12 +84,12 @@ def publish_by_hand(info: stack.StackInfo) -> None:
         )
     )
     bad = {
-        "pumps/P-000001/telemetry": b'{"v": 1, "pump_id": "P-000001", "seq": ',  # cut short
-        "pumps/P-000002/telemetry": valid_for_p3,  # P-000003's reading on P-000002's topic
-        "pumps/P-000001/event": json.dumps(
+        "pumps/AG-000001/telemetry": b'{"v": 1, "pump_id": "AG-000001", "seq": ',  # cut short
+        "pumps/AG-000002/telemetry": valid_for_p3,  # AG-000003's reading on AG-000002's topic
+        "pumps/AG-000001/event": json.dumps(
             {
                 "v": 1,
-                "pump_id": "P-000001",
+                "pump_id": "AG-000001",
                 "time": datetime.now(UTC).isoformat(),
                 "seq": 10**9,
                 "event": "refill",
@@ -119,7 +122,6 @@ def publish_by_hand(info: stack.StackInfo) -> None:
 async def report(dsn: str) -> None:
     conn = await asyncpg.connect(dsn)
     try:
-        print("   (rows add up over demo runs; `pumpfleet stack down --purge` starts afresh)")
         for table in ("pumps", "telemetry", "events", "pump_status", "dead_letter"):
             n = await conn.fetchval(f"SELECT count(*) FROM {table}")
             print(f"   {table:<12} {n:>6} rows")
@@ -153,8 +155,25 @@ async def wait_dead_letters(dsn: str, n: int, timeout: float = 20.0) -> None:
         await conn.close()
 
 
+def show_alertmanager(url: str) -> None:
+    with urllib.request.urlopen(f"{url}/api/v2/alerts", timeout=5) as resp:
+        alerts = json.load(resp)
+    by_priority: dict[str, int] = {}
+    for a in alerts:
+        by_priority[a["labels"].get("priority", "?")] = (
+            by_priority.get(a["labels"].get("priority", "?"), 0) + 1
+        )
+    print(
+        f"   Alertmanager {url} holds {len(alerts)} firing alerts: "
+        + ", ".join(f"{n} {p}" for p, n in sorted(by_priority.items()))
+    )
+
+
 def main() -> None:
-    step("starting mosquitto and PostgreSQL (pumpfleet stack up)")
+    step("starting a clean mosquitto and PostgreSQL (pumpfleet stack up)")
+    if stack.load(RUN_DIR) is not None or (RUN_DIR / "stack.json").exists():
+        print(f"   removing the previous demo's stack in {RUN_DIR} first")
+        stack.down(RUN_DIR, purge=True)
     info = stack.up(RUN_DIR)
     print(
         f"   mosquitto  {info.mqtt_url}\n   postgresql {info.database_url}\n   run dir    {RUN_DIR}"
@@ -164,7 +183,19 @@ def main() -> None:
     applied = asyncio.run(schema.migrate(info.database_url))
     print(f"   {len(applied)} applied now: {', '.join(m.name for m in applied) or 'up to date'}")
 
-    env = {**os.environ, **info.to_env()}
+    step("starting Prometheus Alertmanager")
+    am = alertmanager.start(RUN_DIR / "alertmanager", "http://127.0.0.1:9/none")
+    print(f"   {am.url}")
+
+    env = {
+        **os.environ,
+        **info.to_env(),
+        "PUMPFLEET_ALERTS__ALERTMANAGER_URL": am.url,
+        # The simulated fleet runs thousands of times faster than the wall clock: the watchdog
+        # follows the fleet's device time.
+        "PUMPFLEET_ALERTS__CLOCK": "fleet",
+        "PUMPFLEET_ALERTS__TICK_S": "0.1",
+    }
     port = stack.free_port()
     ingest_log = RUN_DIR / "ingest.log"
     step(f"starting the ingester (logs: {ingest_log}, metrics: http://127.0.0.1:{port}/metrics)")
@@ -203,14 +234,45 @@ def main() -> None:
         publish_by_hand(info)
         asyncio.run(wait_dead_letters(info.database_url, 3))
 
+        step("running the `faults` scenario: 28 pumps, two simulated days in about a minute")
+        run = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pumpfleet.cli",
+                "--log-level",
+                "WARNING",
+                "sim",
+                "run",
+                "faults",
+                "--speed",
+                "2880",
+                "--check",
+                "--check-timeout",
+                "60",
+            ],
+            env=env,
+            check=False,
+        )
+        print(f"   sim run exited with status {run.returncode}")
+
         step("what the database holds")
         asyncio.run(report(info.database_url))
+
+        step("open alerts, as on-call sees them (pumpfleet alerts list --open)")
+        subprocess.run(
+            [sys.executable, "-m", "pumpfleet.cli", "alerts", "list", "--open"],
+            env=env,
+            check=False,
+        )
+        show_alertmanager(am.url)
     finally:
         for agent in agents:
             if agent.poll() is None:
                 agent.kill()
         ingester.send_signal(signal.SIGTERM)
         ingester.wait(30)
+        alertmanager.stop(am)
     step(
         "done. The stack is still running: `.venv/bin/pumpfleet stack status`, "
         "`.venv/bin/pumpfleet stack down` to stop it"

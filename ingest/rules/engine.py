@@ -44,6 +44,8 @@ _INF = math.inf
 _DAY_S = 86_400.0
 _DEFAULT_INTERVAL_S = 600.0
 _MAX_CHECKPOINTS = 6
+_TREND_SLACK_S = 1e-3
+_TREND_SLACK_UL = 1e-6
 """Trend checkpoints kept per pump; spaced >= a quarter window, so one is always >= a window old."""
 
 _BIT: dict[PumpAlarm, int] = {alarm: 1 << i for i, alarm in enumerate(PumpAlarm)}
@@ -73,63 +75,71 @@ Describe = Callable[["_Pump", bool], tuple[str, dict[str, Any]]]
 class _Pump:
     """Everything the rules remember about one pump; plain slots, no per-message containers."""
 
-    __slots__ = (
+    # Read by every reading (`RuleEngine._steady`) first, so they share a few cache lines: with
+    # thousands of pumps, the state of the pump a message is for is rarely in cache.
+    __slots__ = (  # noqa: RUF023 (ordered by use, not by name)
+        "latches",
         "alarm_ev",
-        "alarm_floor_seq",
-        "alarm_ml",
+        "stall_event",
+        "rate_reset",
+        "mri_deadline_s",
+        "max_seq",
+        "dose",
+        "reported_alarm_ml",
+        "due_s",
+        "heap_s",
+        "th",
+        "reservoir_ml",
+        "last_tel_s",
+        "gap_s",
+        "cps",
+        "last_time_s",
+        "last_heard_s",
         "alarms",
-        "bolus_acc_ml",
-        "bolus_acc_s",
+        "alarm_floor_seq",
+        "last_tel_seq",
+        "delivered",
+        "programmed",
+        "pump_state",
         "capacity_ml",
         "conc",
-        "cps",
-        "delivered",
+        "eri",
+        "rotor_ul",
+        "trend_next_s",
+        "trend_next_ul",
+        "win",
+        "trend_cp",
+        "alarm_ml",
+        "low_watch_ml",
+        "bolus_acc_ml",
+        "due_days",
+        "last_non_eri_s",
+        "eri_since_s",
+        # the rest
+        "bolus_acc_s",
         "discrepant_refills",
-        "dose",
         "dose_change",
         "dose_change_until_s",
         "dose_seq",
         "due_fig",
-        "due_s",
-        "eri",
-        "eri_since_s",
-        "heap_s",
         "interval_s",
-        "last_heard_s",
-        "last_non_eri_s",
         "last_refill_after_ml",
-        "last_tel_s",
-        "last_tel_seq",
-        "last_time_s",
-        "latches",
         "loss_until_s",
         "lost",
         "lost_count",
         "lost_fig",
         "max_lost_seq",
-        "max_seq",
         "missing",
-        "mri_deadline_s",
         "mri_end_s",
         "mri_seq",
         "profile",
-        "programmed",
         "pump_id",
-        "pump_state",
-        "rate_reset",
         "recovery_seq",
         "refill_fig",
-        "reported_alarm_ml",
-        "reservoir_ml",
-        "rotor_ul",
         "silent_s",
-        "stall_event",
         "stall_seq",
-        "th",
-        "trend_cp",
         "under_cause",
         "will_seq",
-        "win",
     )
 
     def __init__(self, pump_id: str, profile: PumpProfile | None, th: Thresholds) -> None:
@@ -168,6 +178,10 @@ class _Pump:
         self.rotor_ul = 0.0
         self.win = -1
         self.trend_cp: tuple[float, float, float] = (0.0, 0.0, 0.0)
+        self.trend_next_s = -_INF
+        self.trend_next_ul = -_INF
+        """Before this time, or below this rotor count, no checkpoint is due and the window
+        start cannot move (see `_window`); -inf: not known, go through `_window`."""
         self.under_cause = ""
         # alarms
         self.alarms = 0
@@ -195,6 +209,19 @@ class _Pump:
         self.due_fig: tuple[float, float] = (_INF, 0.0)
         self.silent_s = 0.0
         self.latches: dict[str, Latch] | None = None
+        self.gap_s = self.low_watch_ml = self.due_days = 0.0
+        self.derive()
+
+    def derive(self) -> None:
+        """Figures the telemetry path compares against, recomputed only when the thresholds,
+        the profile or the alarm volume change (they are the same sums the rules compute, so a
+        comparison against them is bit-for-bit the one the rule would make)."""
+        th = self.th
+        self.gap_s = th.telemetry_gap_intervals * self.interval_s
+        self.low_watch_ml = (
+            self.alarm_ml + th.low_reservoir_clear_margin_ml if self.alarm_ml is not None else _INF
+        )
+        self.due_days = th.refill_due_medium_days + th.refill_due_clear_margin_days
 
     def priority(self, rule: str) -> Priority | None:
         latch = self.latches.get(rule) if self.latches else None
@@ -230,7 +257,8 @@ class RuleEngine:
         """Evaluate one committed message; `received_at` (the caller's clock) makes silence
         count from when messages arrive rather than from the device's clock."""
         out: list[Finding] = []
-        self._process(msg, received_at, out)
+        if type(msg) is not Telemetry or not self._steady(msg, received_at, out):
+            self._process(msg, received_at, out)
         return out
 
     def warm(self, msg: Message, received_at: datetime | None = None) -> None:
@@ -238,7 +266,9 @@ class RuleEngine:
         restart: conditions already open come back open, so nothing is raised twice."""
         self._quiet = True
         try:
-            self._process(msg, received_at, [])
+            out: list[Finding] = []
+            if type(msg) is not Telemetry or not self._steady(msg, received_at, out):
+                self._process(msg, received_at, out)
         finally:
             self._quiet = False
 
@@ -277,6 +307,7 @@ class RuleEngine:
         p.th = th
         p.interval_s = profile.reporting_interval_s
         p.alarm_ml = cond.effective_alarm_ml(p.reported_alarm_ml, profile, th)
+        p.derive()
         p.heap_s = _INF  # the silence deadline may have moved: the old heap entry goes stale
         self._schedule(p)
 
@@ -393,6 +424,112 @@ class RuleEngine:
         if p.due_s < p.heap_s or p.heap_s == _INF:
             self._schedule(p)
 
+    def _steady(self, m: Telemetry, received_at: datetime | None, out: list[Finding]) -> bool:
+        """The fast path for the common reading: `_process` + `_telemetry` for a pump with
+        nothing going on, doing only the work that can matter. Returns False, having changed
+        nothing, when the reading is not such a case; `_process` then takes it.
+
+        Safe because every skipped step is a no-op under the checks made first:
+        - no latch at all: no rule is pending or open, so nothing needs re-judging to end, and
+          `telemetry_silence` has no latch to feed;
+        - the next seq, and before the pump's next deadline: no gap to track, no `_timed` work;
+        - no alarms in the reading and no alarm event pending (so the mask is 0), no stall
+          event, no rate reset, no MRI watch: `critical_pump_alarm`, the "delivery resumed"
+          check and post-MRI have nothing to do;
+        - the same dose and alarm volume as the last reading: no dose change, the same
+          alarm volume (so `low_watch_ml` holds);
+        - no ERI: the battery rule only resets its ERI bookkeeping;
+        - the trend continues (a checkpoint exists, the reading is in time and the reservoir
+          did not rise): no restart.
+        The rules that can still start (a flow verdict, a stalled rotor, a low reservoir, a
+        refill coming due) go through the same methods as on the full path.
+        """
+        p = self._pumps.get(m.pump_id)
+        if (
+            p is None
+            or p.latches is not None
+            or p.alarm_ev is not None
+            or p.stall_event
+            or p.rate_reset is not None
+            or p.mri_deadline_s != _INF
+        ):
+            return False
+        seq = m.seq
+        max_seq = p.max_seq
+        if seq != max_seq + 1 or max_seq < 0:
+            return False
+        if m.alarms or m.battery_eri:
+            return False
+        dose = m.programmed_dose_mcg_per_day
+        if dose != p.dose or m.low_reservoir_alarm_ml != p.reported_alarm_ml:
+            return False
+        at = m.time
+        t = at.timestamp()
+        if t >= p.due_s:
+            return False
+        th = p.th
+        res = m.reservoir_ml
+        prev_res = p.reservoir_ml
+        dt = t - p.last_tel_s
+        if (
+            dt <= 0
+            or dt > p.gap_s
+            or (res - prev_res) * 1000.0 > th.reservoir_resolution_ul
+            or not p.cps
+        ):
+            return False
+
+        # From here on the reading is taken: the same updates as `_process` and `_telemetry`.
+        p.max_seq = seq
+        if t > p.last_time_s:
+            p.last_time_s = t
+        heard = received_at.timestamp() if received_at is not None else t
+        if heard > p.last_heard_s:
+            p.last_heard_s = heard
+        p.alarms = 0
+        p.alarm_floor_seq = seq
+        p.last_tel_seq = seq
+        p.last_tel_s = t
+        p.reservoir_ml = res
+        delivered = p.delivered = m.delivered_ul_per_h
+        p.programmed = m.programmed_rate_ul_per_h
+        p.pump_state = m.pump_state
+        p.capacity_ml = m.reservoir_capacity_ml
+        conc = p.conc = m.concentration_mcg_per_ml
+        p.eri = False
+
+        rotor = p.rotor_ul = p.rotor_ul + delivered * dt / 3600.0
+        if t >= p.trend_next_s and rotor >= p.trend_next_ul:
+            verdict = self._window(p, t, res, rotor)
+        elif p.win >= 0:  # the same window as the last reading's (see `_window`)
+            cp = p.trend_cp
+            verdict = cond.trend_verdict(
+                (cp[1] - res) * 1000.0, rotor - cp[2], th.flow_accuracy, th.reservoir_resolution_ul
+            )
+        else:
+            verdict = None
+        if delivered <= 0.0 or (verdict is not None and verdict != "ok"):
+            self._flow(p, verdict, t, at, seq, out)
+
+        # Only below these can low_reservoir or refill_due hold (no latch is open to end).
+        alarm_ml = p.alarm_ml
+        if alarm_ml is not None:
+            if res <= p.low_watch_ml:
+                self._low_reservoir(p, t, at, seq, out)
+            daily_ml = dose / conc
+            if p.bolus_acc_ml > 0:
+                daily_ml += _bolus_ml_per_day(p, t)
+            if daily_ml > 0:
+                days = (res - alarm_ml) / daily_ml
+                if days <= p.due_days:
+                    self._refill_due(p, days, daily_ml, t, at, seq, out)
+
+        p.last_non_eri_s = t
+        p.eri_since_s = None
+        if p.due_s < p.heap_s or p.heap_s == _INF:
+            self._schedule(p)
+        return True
+
     # Sequence numbers ----------------------------------------------------------------------------
 
     def _accept(self, p: _Pump, seq: int, t: float) -> int:
@@ -433,8 +570,7 @@ class RuleEngine:
         p.mri_seq = -1
         p.recovery_seq = -1
         p.stall_seq = -1
-        p.cps = []
-        p.win = -1
+        _restart_trend(p, [])
 
     def _open_gap(self, p: _Pump, first: int, end: int, t: float) -> None:
         th = p.th
@@ -512,6 +648,7 @@ class RuleEngine:
         if m.low_reservoir_alarm_ml != p.reported_alarm_ml:
             p.reported_alarm_ml = m.low_reservoir_alarm_ml
             p.alarm_ml = cond.effective_alarm_ml(m.low_reservoir_alarm_ml, p.profile, th)
+            p.derive()
         latches = p.latches
 
         # Delivery resumed: a lost recovery event, or the normal end of an MRI stall.
@@ -537,16 +674,12 @@ class RuleEngine:
             or (latches and "critical_pump_alarm" in latches)
         ):
             self._critical(p, t, at, seq, out)
-        self._flow(p, t, prev_s, prev_res, at, seq, out)
+        self._flow(p, self._trend(p, t, prev_s, prev_res), t, at, seq, out)
 
         latches = p.latches  # the calls above may have made or dropped it
         alarm_ml = p.alarm_ml
         if alarm_ml is not None:
-            if (
-                res <= alarm_ml + th.low_reservoir_clear_margin_ml
-                or mask & _LOW
-                or (latches and "low_reservoir" in latches)
-            ):
+            if res <= p.low_watch_ml or mask & _LOW or (latches and "low_reservoir" in latches):
                 self._low_reservoir(p, t, at, seq, out)
             conc = m.concentration_mcg_per_ml
             daily_ml = dose / conc
@@ -554,9 +687,7 @@ class RuleEngine:
                 daily_ml += _bolus_ml_per_day(p, t)
             if daily_ml > 0:
                 days = (res - alarm_ml) / daily_ml
-                if days <= th.refill_due_medium_days + th.refill_due_clear_margin_days or (
-                    latches and "refill_due" in latches
-                ):
+                if days <= p.due_days or (latches and "refill_due" in latches):
                     self._refill_due(p, days, daily_ml, t, at, seq, out)
             elif latches and "refill_due" in latches:
                 self._refill_due(p, None, daily_ml, t, at, seq, out)
@@ -579,20 +710,25 @@ class RuleEngine:
         """Over/under verdict on the newest window of at least `trend_window_s` and
         `trend_min_rotor_ul`; None while there is none (just started, refill, lost reading)."""
         th = p.th
-        cps = p.cps
         res = p.reservoir_ml
         dt = t - prev_s
         if (
-            not cps
+            not p.cps
             or dt <= 0
-            or dt > th.telemetry_gap_intervals * p.interval_s
+            or dt > p.gap_s
             or (res - prev_res) * 1000.0 > th.reservoir_resolution_ul
         ):
             p.rotor_ul = 0.0
-            p.cps = [(t, res, 0.0)]
-            p.win = -1
+            _restart_trend(p, [(t, res, 0.0)])
             return None
         rotor = p.rotor_ul = p.rotor_ul + p.delivered * dt / 3600.0
+        return self._window(p, t, res, rotor)
+
+    @staticmethod
+    def _window(p: _Pump, t: float, res: float, rotor: float) -> str | None:
+        """Add a checkpoint when one is due, move the window start on, and judge the window."""
+        th = p.th
+        cps = p.cps
         window_s = th.trend_window_s
         min_ul = th.trend_min_rotor_ul
         last = cps[-1]
@@ -611,6 +747,20 @@ class RuleEngine:
                 break
             win += 1
         p.win = win
+        # Both steps above need a time and a rotor count: a quarter window and a quarter of the
+        # minimum since `cps[-1]` for a new checkpoint, a window and the minimum since
+        # `cps[win + 1]` to move the start. Before the earlier time, or below the smaller count,
+        # neither can happen, so `_steady` judges the same window without coming here. The slack
+        # is far above float rounding (epoch seconds, uL), so this never skips a step.
+        last = cps[-1]
+        next_s = last[0] + 0.25 * window_s
+        next_ul = last[2] + 0.25 * min_ul
+        if win + 1 < n:
+            cp = cps[win + 1]
+            next_s = min(next_s, cp[0] + window_s)
+            next_ul = min(next_ul, cp[2] + min_ul)
+        p.trend_next_s = next_s - _TREND_SLACK_S
+        p.trend_next_ul = next_ul - _TREND_SLACK_UL
         if win < 0:
             return None
         cp = p.trend_cp = cps[win]
@@ -621,16 +771,15 @@ class RuleEngine:
     def _flow(
         self,
         p: _Pump,
+        verdict: str | None,
         t: float,
-        prev_s: float,
-        prev_res: float,
         at: datetime,
         seq: int,
         out: list[Finding],
     ) -> None:
-        """over_infusion and under_infusion: the reservoir trend, and a rotor standing still."""
+        """over_infusion and under_infusion: the reservoir trend's verdict, and a rotor standing
+        still."""
         th = p.th
-        verdict = self._trend(p, t, prev_s, prev_res)
         latches = p.latches
         if verdict is not None and (verdict == "over" or (latches and "over_infusion" in latches)):
             raw = th.over_infusion_priority if verdict == "over" else None
@@ -845,8 +994,7 @@ class RuleEngine:
             float(p.discrepant_refills),
         )
         if seq > p.last_tel_seq:
-            p.cps = []  # the reservoir trend starts again from the next reading
-            p.win = -1
+            _restart_trend(p, [])  # the reservoir trend starts again from the next reading
         self._update(
             p,
             "pocket_fill",
@@ -1100,6 +1248,12 @@ class RuleEngine:
 
 
 # Helpers ------------------------------------------------------------------------------------------
+
+
+def _restart_trend(p: _Pump, cps: list[tuple[float, float, float]]) -> None:
+    p.cps = cps
+    p.win = -1
+    p.trend_next_s = p.trend_next_ul = -_INF
 
 
 def _bolus_ml(p: _Pump, t: float) -> float:

@@ -46,16 +46,14 @@ def _run(args: argparse.Namespace, settings: Settings) -> None:
 
 
 async def _serve(settings: Settings) -> None:
-    """The ingester, with alerting beside it when the rule engine is installed and enabled."""
-    from ingest.alerts.service import Alerting, build_engine, rules_available
+    """The ingester, with alerting beside it unless alerts are disabled."""
+    from ingest.alerts.service import Alerting, build_engine
     from ingest.service import Ingester
 
     alerting: Alerting | None = None
-    if settings.alerts.enabled and rules_available():
+    if settings.alerts.enabled:
         alerting = Alerting(settings, build_engine(settings))
         await alerting.start()  # open alerts, profiles and rule state before the first message
-    elif settings.alerts.enabled:
-        log.warning("alerting off: the rule engine (ingest.rules) is not installed")
     ingester = Ingester(settings, alerting.on_commit if alerting else None)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -102,6 +102,11 @@ class AlertSettings(BaseModel):
     http_timeout_s: float = Field(default=5.0, gt=0, le=120)
     retry_min_s: float = Field(default=1.0, gt=0, description="First retry delay.")
     retry_max_s: float = Field(default=300.0, gt=0, description="Retry delay cap.")
+    rules: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Rule thresholds, priorities and holds (ingest/rules/README.md); "
+        "unset ones keep domain.md's values, e.g. [alerts.rules] refill_discrepancy_ml = 2.5",
+    )
     poll_s: float = Field(default=1.0, gt=0, le=60, description="Outbox poll period.")
     outbox_keep_days: float = Field(
         default=30.0, gt=0, description="Delivered notifications are kept this long."

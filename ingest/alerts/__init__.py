@@ -17,7 +17,7 @@ from ingest.alerts.book import (
     resolve,
 )
 from ingest.alerts.notify import Notifier, render_alertmanager, render_webhook
-from ingest.alerts.service import Alerting, RuleEngine, build_engine, rules_available
+from ingest.alerts.service import Alerting, RuleEngine, build_engine
 
 __all__ = [
     "Alert",
@@ -34,5 +34,4 @@ __all__ = [
     "render_alertmanager",
     "render_webhook",
     "resolve",
-    "rules_available",
 ]

@@ -18,8 +18,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import importlib
-import importlib.util
 import inspect
 import logging
 import random
@@ -30,6 +28,7 @@ from typing import Any, Protocol, TypeVar
 
 import asyncpg
 
+from ingest import rules
 from ingest.alerts.book import CHANNEL, Book, BookPolicy, Transition
 from ingest.alerts.notify import Notifier, receivers
 from ingest.findings import Finding
@@ -68,39 +67,14 @@ ProfileFactory = Callable[[Mapping[str, Any]], Any]
 """A `pumps` row -> the engine's profile object."""
 
 
-def _rules() -> Any:
-    """ingest.rules, imported late: it is developed beside this package and may be absent."""
-    return importlib.import_module("ingest.rules")
+def build_engine(settings: Settings) -> rules.RuleEngine:
+    """The rule engine with the thresholds of `[alerts.rules]` (domain.md's values by default)."""
+    return rules.RuleEngine(rules.Thresholds.model_validate(settings.alerts.rules), {})
 
 
-def rules_available() -> bool:
-    """True when the rule engine (ingest.rules.RuleEngine) is installed."""
-    if importlib.util.find_spec("ingest.rules") is None:
-        return False
-    return hasattr(_rules(), "RuleEngine")
-
-
-def build_engine(settings: Settings) -> RuleEngine:
-    """The rule engine of ingest/rules/ with its default thresholds."""
-    rules = _rules()
-    thresholds_cls = getattr(rules, "Thresholds", None)
-    engine: RuleEngine = rules.RuleEngine(thresholds_cls() if thresholds_cls else None, {})
-    return engine
-
-
-def default_profile(row: Mapping[str, Any]) -> Any:
-    """ingest.rules.PumpProfile from a `pumps` row, given the columns it has fields for."""
-    profile_cls = _rules().PumpProfile
-    from_row = getattr(profile_cls, "from_row", None)
-    if callable(from_row):
-        return from_row(row)
-    if dataclasses.is_dataclass(profile_cls):
-        names = {f.name for f in dataclasses.fields(profile_cls)}
-    elif hasattr(profile_cls, "model_fields"):
-        names = set(profile_cls.model_fields)
-    else:
-        names = set(inspect.signature(profile_cls).parameters)
-    return profile_cls(**{k: v for k, v in row.items() if k in names and v is not None})
+def default_profile(row: Mapping[str, Any]) -> rules.PumpProfile:
+    """What the rules know about a pump, from its `pumps` row."""
+    return rules.PumpProfile.from_row(row)
 
 
 @dataclass(slots=True)

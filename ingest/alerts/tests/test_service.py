@@ -15,6 +15,7 @@ import asyncpg
 import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
+from pydantic import ValidationError
 
 from ingest import Ingester
 from ingest.alerts import service
@@ -261,25 +262,22 @@ async def test_a_failing_rule_does_not_stop_the_batch(conn: asyncpg.Connection, 
     assert await conn.fetchval("SELECT pump_id FROM alerts") == "P-1"
 
 
-def test_default_profile_passes_the_columns_the_profile_has(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    from pydantic import BaseModel
-
-    class PumpProfile(BaseModel):
-        pump_id: str
-        high_risk: bool = False
-        low_reservoir_alarm_ml: float | None = None
-
-    class Rules:
-        pass
-
-    Rules.PumpProfile = PumpProfile  # type: ignore[attr-defined]
-    monkeypatch.setattr(service, "_rules", lambda: Rules)
-    row = {"pump_id": "P-1", "clinic": "north", "high_risk": True, "low_reservoir_alarm_ml": 4.0}
-    assert service.default_profile(row) == PumpProfile(
-        pump_id="P-1", high_risk=True, low_reservoir_alarm_ml=4.0
-    )
+def test_profiles_come_from_the_registry_and_thresholds_from_settings() -> None:
+    row = {
+        "pump_id": "P-1",
+        "clinic": "north",
+        "high_risk": True,
+        "low_reservoir_alarm_ml": 4.0,
+        "reporting_interval_s": 300,
+    }
+    profile = service.default_profile(row)
+    assert (profile.pump_id, profile.high_risk) == ("P-1", True)
+    assert (profile.low_reservoir_alarm_ml, profile.reporting_interval_s) == (4.0, 300)
+    assert service.build_engine(Settings()).thresholds.refill_discrepancy_ml == 2.0
+    tuned = Settings(alerts={"rules": {"refill_discrepancy_ml": 2.5}})
+    assert service.build_engine(tuned).thresholds.refill_discrepancy_ml == 2.5
+    with pytest.raises(ValidationError, match="no_such_threshold"):
+        service.build_engine(Settings(alerts={"rules": {"no_such_threshold": 1}}))
 
 
 async def test_the_ingester_hands_committed_messages_to_alerting(

@@ -10,13 +10,13 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 Priority = Literal["high", "medium", "low", "info"]
 PRIORITY_RANK: dict[str, int] = {"info": 0, "low": 1, "medium": 2, "high": 3}
 """IEC 60601-1-8 levels, higher is more urgent."""
 
-RULES: tuple[str, ...] = (
+Rule = Literal[
     "critical_pump_alarm",
     "over_infusion",
     "under_infusion",
@@ -29,8 +29,9 @@ RULES: tuple[str, ...] = (
     "large_dose_change",
     "telemetry_silence",
     "sequence_gap",
-)
-"""The rule catalogue of domain.md; scenario files name alerts by these."""
+]
+"""The rule catalogue of domain.md; the simulator's scenario files name alerts by these."""
+RULES: tuple[str, ...] = get_args(Rule)
 
 
 @dataclass(frozen=True, slots=True)

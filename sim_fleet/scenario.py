@@ -14,7 +14,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Annotated, Any, Literal, get_args
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
@@ -27,6 +27,7 @@ from pydantic import (
     model_validator,
 )
 
+from ingest.findings import RULES, Rule
 from sim_fleet.fleet import FleetMix, make_fleet, pump_id
 from sim_fleet.model import (
     BatteryEri,
@@ -56,21 +57,6 @@ from sim_fleet.model import (
 
 SCENARIO_DIR = Path(__file__).resolve().parent / "scenarios"
 
-Rule = Literal[
-    "critical_pump_alarm",
-    "over_infusion",
-    "under_infusion",
-    "pocket_fill",
-    "refill_discrepancy",
-    "post_mri",
-    "low_reservoir",
-    "refill_due",
-    "battery",
-    "large_dose_change",
-    "telemetry_silence",
-    "sequence_gap",
-]
-RULES: tuple[str, ...] = get_args(Rule)
 Priority = Literal["high", "medium", "low"]
 
 TIMELINE_TYPES: dict[str, type[Fault]] = {

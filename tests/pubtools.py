@@ -1,18 +1,18 @@
-"""Test-side helpers: publish pump messages at QoS 1 and wait for conditions with deadlines."""
+"""Test-side helpers: build pump messages and publish them at QoS 1 (waiting: pumpfleet.testing)."""
 
 from __future__ import annotations
 
-import asyncio
 import time
 import urllib.parse
 import uuid
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
 from pumpfleet import contract
+from pumpfleet.testing import telemetry_fields
 
 BASE_TIME = datetime.now(UTC).replace(microsecond=0) - timedelta(days=1)
 
@@ -24,17 +24,7 @@ def telemetry(pump_id: str, seq: int, **over: object) -> bytes:
         "pump_id": pump_id,
         "time": (BASE_TIME + timedelta(seconds=seq)).isoformat(),
         "seq": seq,
-        "delivered_ul_per_h": 10.4,
-        "programmed_rate_ul_per_h": 10.4,
-        "programmed_dose_mcg_per_day": 500.0,
-        "reservoir_ml": 15.0 - seq * 1e-4,
-        "reservoir_capacity_ml": 20.0,
-        "low_reservoir_alarm_ml": 2.0,
-        "concentration_mcg_per_ml": 2000.0,
-        "battery_pct": 80.0,
-        "battery_eri": False,
-        "pump_state": "infusing",
-        "alarms": [],
+        **telemetry_fields(reservoir_ml=15.0 - seq * 1e-4),
     }
     body.update(over)
     import json
@@ -109,17 +99,3 @@ def forget_session(mqtt_url: str, client_id: str) -> None:
         time.sleep(0.01)
     client.disconnect()
     client.loop_stop()
-
-
-async def until(
-    check: Callable[[], Awaitable[object]], timeout: float = 30.0, what: str = "condition"
-) -> object:
-    """Poll an async check until it returns something truthy, or fail after the deadline."""
-    deadline = time.monotonic() + timeout
-    last: object = None
-    while time.monotonic() < deadline:
-        last = await check()
-        if last:
-            return last
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}; last value {last!r}")

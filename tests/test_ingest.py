@@ -18,13 +18,14 @@ from typing import Any
 
 import asyncpg
 import pytest
-from pubtools import Publisher, forget_session, stream, telemetry, until
+from pubtools import Publisher, forget_session, stream, telemetry
 
 from ingest import Ingester
 from pumpfleet import contract, schema
 from pumpfleet import stack as stack_mod
 from pumpfleet.contract import Message
 from pumpfleet.settings import Settings
+from pumpfleet.testing import until
 
 pytestmark = pytest.mark.integration
 

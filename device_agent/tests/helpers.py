@@ -1,4 +1,7 @@
-"""Test-side tools: a recording MQTT subscriber, a scripted driver, waiting with deadlines."""
+"""Test-side tools: a one-pump subscriber, a scripted driver, an agent process or thread.
+
+Waiting with deadlines, `Received` and `telemetry_fields` come from `pumpfleet.testing`.
+"""
 
 from __future__ import annotations
 
@@ -8,54 +11,15 @@ import sqlite3
 import subprocess
 import sys
 import threading
-import time
-import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any, TypeVar
-
-import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
+from typing import Any
 
 from device_agent import Agent, Observation
 from pumpfleet import contract
-
-T = TypeVar("T")
-
-
-def wait_until(check: Callable[[], T], timeout: float = 30.0, what: str = "condition") -> T:
-    """Poll `check` until it returns something truthy; fail with `what` after the deadline."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}; last {value!r}")
-        time.sleep(0.02)
-
-
-def telemetry_fields(reservoir_ml: float = 15.0, **over: Any) -> dict[str, Any]:
-    fields: dict[str, Any] = {
-        "delivered_ul_per_h": 10.4,
-        "programmed_rate_ul_per_h": 10.4,
-        "programmed_dose_mcg_per_day": 500.0,
-        "reservoir_ml": reservoir_ml,
-        "reservoir_capacity_ml": 20.0,
-        "low_reservoir_alarm_ml": 2.0,
-        "concentration_mcg_per_ml": 2000.0,
-        "battery_pct": 80.0,
-        "battery_eri": False,
-        "pump_state": "infusing",
-        "alarms": [],
-    }
-    fields.update(over)
-    return fields
+from pumpfleet.testing import RecordingSubscriber
 
 
 class ScriptedDriver:
@@ -76,19 +40,7 @@ class ScriptedDriver:
         return len(self._pending)
 
 
-@dataclass(frozen=True)
-class Received:
-    topic: str
-    payload: bytes
-    retain: bool
-    message: contract.Message
-
-    @property
-    def seq(self) -> int:
-        return self.message.seq
-
-
-class Subscriber:
+class Subscriber(RecordingSubscriber):
     """Records every message on one pump's topics, decoded with the contract (which must pass).
 
     `persistent` keeps a broker session (clean_start False), so messages published while this
@@ -99,58 +51,13 @@ class Subscriber:
         self, host: str, port: int, pump_id: str, *, persistent: bool = True, name: str = ""
     ) -> None:
         self.pump_id = pump_id
-        self.received: list[Received] = []
-        self.errors: list[str] = []
-        self.subscribed = threading.Event()
-        self._lock = threading.Lock()
-        self.client = mqtt.Client(
-            callback_api_version=CallbackAPIVersion.VERSION2,
-            client_id=f"test-sub-{name or uuid.uuid4().hex[:10]}",
-            protocol=mqtt.MQTTv5,
+        super().__init__(
+            host,
+            port,
+            f"{contract.TOPIC_ROOT}/{pump_id}/#",
+            persistent=persistent,
+            client_id=f"test-sub-{name}" if name else None,
         )
-        self.client.on_connect = self._on_connect
-        self.client.on_message = self._on_message
-        self.client.on_subscribe = lambda *a: self.subscribed.set()
-        self.client.reconnect_delay_set(1, 1)
-        props = Properties(PacketTypes.CONNECT)
-        props.SessionExpiryInterval = 3600 if persistent else 0
-        self.client.connect(host, port, clean_start=not persistent, properties=props)
-        self.client.loop_start()
-        wait_until(self.subscribed.is_set, 10, "the subscription")
-
-    def _on_connect(self, client: mqtt.Client, *args: Any) -> None:
-        client.subscribe(f"{contract.TOPIC_ROOT}/{self.pump_id}/#", qos=1)
-
-    def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
-        try:
-            decoded = contract.decode(msg.topic, msg.payload)
-        except contract.ContractError as exc:
-            with self._lock:
-                self.errors.append(f"{msg.topic}: {exc}")
-            return
-        with self._lock:
-            self.received.append(Received(msg.topic, bytes(msg.payload), msg.retain, decoded))
-
-    def snapshot(self) -> list[Received]:
-        with self._lock:
-            return list(self.received)
-
-    def data(self) -> list[Received]:
-        """Telemetry and events (not status), in arrival order, duplicates included."""
-        return [r for r in self.snapshot() if r.message.kind != "status"]
-
-    def statuses(self) -> list[Received]:
-        return [r for r in self.snapshot() if r.message.kind == "status"]
-
-    def seqs(self) -> set[int]:
-        return {r.seq for r in self.snapshot()}
-
-    def close(self) -> None:
-        """Disconnect and end the broker session, so it stops queueing for a finished test."""
-        props = Properties(PacketTypes.DISCONNECT)
-        props.SessionExpiryInterval = 0
-        self.client.disconnect(properties=props)
-        self.client.loop_stop()
 
 
 @contextmanager

@@ -14,18 +14,9 @@ from device_agent import Agent, BrokerOptions, ConstantPump, Observation, Store
 from device_agent.agent import STOP_REASON, WILL_REASON
 from pumpfleet import contract
 from pumpfleet.stack import StackInfo, start_broker, stop_broker
+from pumpfleet.testing import Received, telemetry_fields, wait_until
 
-from .helpers import (
-    AgentProcess,
-    Received,
-    ScriptedDriver,
-    Subscriber,
-    agent_thread,
-    queued_seqs,
-    subscriber,
-    telemetry_fields,
-    wait_until,
-)
+from .helpers import AgentProcess, ScriptedDriver, Subscriber, agent_thread, queued_seqs, subscriber
 
 pytestmark = pytest.mark.integration
 

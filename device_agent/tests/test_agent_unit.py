@@ -27,8 +27,9 @@ from pumpfleet import contract
 from pumpfleet.cli import UsageError
 from pumpfleet.settings import MqttSettings, Settings
 from pumpfleet.stack import free_port
+from pumpfleet.testing import telemetry_fields, wait_until
 
-from .helpers import ScriptedDriver, telemetry_fields, wait_until
+from .helpers import ScriptedDriver
 
 PUMP = "P-000001"
 NOW = datetime.now(UTC).replace(microsecond=0)

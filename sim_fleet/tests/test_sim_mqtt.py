@@ -15,11 +15,12 @@ import pytest
 from device_agent import BrokerOptions, Observation
 from pumpfleet import contract
 from pumpfleet.stack import StackInfo, start_broker, stop_broker
+from pumpfleet.testing import Received, wait_until
 from sim_fleet import advance_fleet, build_run, parse_scenario
 from sim_fleet.load import LoadConfig, Progress, run_load
 from sim_fleet.run import RunOptions, RunStats, run_scenario, seq_base
 from sim_fleet.scenario import Scenario, SimRun
-from sim_fleet.tests.mqtt_helpers import FleetSubscriber, Received, fleet_subscriber, wait_until
+from sim_fleet.tests.mqtt_helpers import FleetSubscriber, fleet_subscriber
 
 pytestmark = pytest.mark.integration
 

@@ -17,10 +17,10 @@ import pytest
 from device_agent import Agent, BrokerOptions, PumpDriver, Store
 from pumpfleet import contract
 from pumpfleet.stack import free_port
+from pumpfleet.testing import wait_until
 from sim_fleet import agent_driver
 from sim_fleet.load import LoadConfig, load_pump_id, render, templates
 from sim_fleet.mqtt import ConnectError, Connection, Histogram
-from sim_fleet.tests.mqtt_helpers import wait_until
 
 
 class FakeBroker:

@@ -1,12 +1,10 @@
-"""Test helpers: Findings, a capturing HTTP receiver, deadlines instead of sleeps."""
+"""Test helpers: Findings and a capturing HTTP receiver (deadlines: `pumpfleet.testing.until`)."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import threading
-import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -40,20 +38,6 @@ def finding(
         details=details,
         seq=seq,
     )
-
-
-async def until(
-    check: Callable[[], Awaitable[Any]], timeout: float = 15.0, what: str = "condition"
-) -> Any:
-    """Poll an async check until it returns something truthy, or fail after the deadline."""
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = await check()
-        if last:
-            return last
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}; last value {last!r}")
 
 
 async def add_pumps(conn: asyncpg.Connection, pumps: Iterable[tuple[str, str]]) -> None:

@@ -12,10 +12,11 @@ import pytest
 
 from ingest.alerts.book import Book, BookPolicy, acknowledge, resolve
 from ingest.alerts.notify import Notifier, render_alertmanager
-from ingest.alerts.tests.helpers import T0, Sink, finding, until
+from ingest.alerts.tests.helpers import T0, Sink, finding
 from pumpfleet import alertmanager
 from pumpfleet.settings import AlertSettings
 from pumpfleet.stack import free_port
+from pumpfleet.testing import until
 
 pytestmark = pytest.mark.integration
 

@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
+from ingest.alerts.tests.helpers import Sink
+from pumpfleet import alertmanager
 from pumpfleet import stack as stack_mod
 
 
@@ -44,3 +47,20 @@ def broker(stack: stack_mod.StackInfo) -> Iterator[stack_mod.StackInfo]:
         yield stack
     finally:
         stack_mod.start_broker(stack)
+
+
+@pytest.fixture
+def sink() -> Iterator[Sink]:
+    """A local HTTP receiver that records every JSON POST (webhooks, Alertmanager)."""
+    s = Sink()
+    try:
+        yield s
+    finally:
+        s.close()
+
+
+@pytest.fixture
+def am(tmp_path: Path, sink: Sink) -> Iterator[alertmanager.Alertmanager]:
+    """A real Alertmanager whose single receiver is the test's `sink`."""
+    with alertmanager.running(tmp_path / "alertmanager", sink.url) as running:
+        yield running

@@ -87,21 +87,6 @@ class Pipeline:
 
 
 @pytest.fixture
-def sink() -> Iterator[Sink]:
-    s = Sink()
-    try:
-        yield s
-    finally:
-        s.close()
-
-
-@pytest.fixture
-def am(tmp_path: Path, sink: Sink) -> Iterator[alertmanager.Alertmanager]:
-    with alertmanager.running(tmp_path / "alertmanager", sink.url) as running:
-        yield running
-
-
-@pytest.fixture
 def own_stack(tmp_path: Path) -> Iterator[stack_mod.StackInfo]:
     """A broker and database of this test's own: scenarios reuse pump ids, and a broker keeps
     their retained statuses, which a later scenario's ingester would receive as history."""

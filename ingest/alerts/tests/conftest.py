@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
+from collections.abc import AsyncIterator
 
 import asyncpg
 import pytest
 
-from ingest.alerts.tests.helpers import Sink, add_pumps
-from pumpfleet import alertmanager, schema
+from ingest.alerts.tests.helpers import add_pumps
+from pumpfleet import schema
 
 
 @pytest.fixture
@@ -30,19 +29,3 @@ async def conn(db: str) -> AsyncIterator[asyncpg.Connection]:
         yield c
     finally:
         await c.close()
-
-
-@pytest.fixture
-def sink() -> Iterator[Sink]:
-    s = Sink()
-    try:
-        yield s
-    finally:
-        s.close()
-
-
-@pytest.fixture
-def am(tmp_path: Path, sink: Sink) -> Iterator[alertmanager.Alertmanager]:
-    """A real Alertmanager whose single receiver is the test's `sink`."""
-    with alertmanager.running(tmp_path / "alertmanager", sink.url) as running:
-        yield running

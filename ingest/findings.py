@@ -18,6 +18,7 @@ PRIORITY_RANK: dict[str, int] = {"info": 0, "low": 1, "medium": 2, "high": 3}
 
 Rule = Literal[
     "critical_pump_alarm",
+    "noncritical_pump_alarm",
     "over_infusion",
     "under_infusion",
     "pocket_fill",
@@ -29,8 +30,13 @@ Rule = Literal[
     "large_dose_change",
     "telemetry_silence",
     "sequence_gap",
+    "flow_not_observable",
+    "clinic_data_missing",
 ]
-"""The rule catalogue of domain.md; the simulator's scenario files name alerts by these."""
+"""The rule catalogue of domain.md, and the two standing notices that say what the rules cannot
+see; the simulator's scenario files name alerts by these."""
+NOTICES: tuple[str, ...] = ("flow_not_observable", "clinic_data_missing")
+"""Standing notices (info priority): not a fault, a statement of what is not watched."""
 RULES: tuple[str, ...] = get_args(Rule)
 
 

@@ -1,4 +1,5 @@
-"""The wire contract, version 1: every message a pump sends, and the topics it sends them on.
+"""The wire contract, version 2 (version 1 still accepted): every message a pump sends, and the
+topics it sends them on.
 
 This module is the one home of the contract. The agent, the simulator, the ingester and the
 dashboards import it; nobody keeps a copy. `pumpfleet contract schema` writes the JSON Schema of
@@ -7,6 +8,13 @@ each message to docs/contract/ so that firmware teams can code against it.
 Units are in field names (`_ml`, `_ul_per_h`, `_mcg_per_day`, `_pct`); times are UTC from the
 device clock; `seq` is per pump, increases by one per message and survives agent restarts, so
 (pump_id, seq) identifies a message and lets storage drop redeliveries.
+
+Version 2 says what the rules need to be honest about what a pump can see (docs/contract/
+MIGRATION.md): how the reservoir volume was obtained (`reservoir_source`: `calculated` from the
+refill entry and rotor or valve counts, or `measured` by an independent sensor), the reporting
+interval, the flow the programme asked for over the interval, the date ERI began, and which
+refill volumes the clinician entered and which the pump measured. A version 1 payload carries
+none of these and is read as what every pump on the market is: a calculated volume.
 """
 
 from __future__ import annotations
@@ -28,7 +36,9 @@ from pydantic import (
     model_validator,
 )
 
-CONTRACT_VERSION = 1
+CONTRACT_VERSION = 2
+"""What agents publish; `ACCEPTED_VERSIONS` is what the decoder takes."""
+ACCEPTED_VERSIONS = (1, 2)
 TOPIC_ROOT = "pumps"
 MAX_FUTURE_SKEW = timedelta(minutes=10)
 """A device time further ahead of the receiver's clock than this is impossible, not skew."""
@@ -72,6 +82,16 @@ class PumpState(StrEnum):
     """No delivery because of an alarm: empty reservoir, EOS, critical memory error."""
 
 
+class ReservoirSource(StrEnum):
+    """How a reservoir volume was obtained (domain.md, 'What a pump can actually report')."""
+
+    CALCULATED = "calculated"
+    """The pump's estimate: volume entered at the last refill minus rotor or valve counts. It
+    falls exactly as programmed even when the catheter is blocked or the pump over-infuses."""
+    MEASURED = "measured"
+    """An independent sensor, with noise and drift of its own."""
+
+
 class DosingMode(StrEnum):
     CONTINUOUS = "continuous"
     FLEX = "flex"
@@ -99,14 +119,53 @@ class _Strict(BaseModel):
 
 
 class _Envelope(_Strict):
-    v: Literal[1] = Field(description="Contract version.")
+    v: Literal[1, 2] = Field(description="Contract version: 2; 1 is still accepted.")
     pump_id: str = Field(pattern=PUMP_ID_PATTERN, description="Must equal the topic's pump id.")
     time: DeviceTime = Field(description="Device clock, UTC, RFC 3339.")
     seq: int = Field(ge=0, lt=2**63, description="Per-pump sequence, +1 per message.")
 
 
+_TELEMETRY_V2 = ("reservoir_source", "reporting_interval_s", "scheduled_ul_per_h")
+_REFILL_V2 = ("expected_source", "reservoir_after_source")
+
+
+def _versioned(msg: BaseModel, fields: tuple[str, ...], v: int) -> None:
+    """Version 2 fields are required in v2 and absent in v1."""
+    for name in fields:
+        present = getattr(msg, name) is not None
+        if v >= 2 and not present:
+            raise ValueError(f"{name}: required in contract v2")
+        if v < 2 and present:
+            raise ValueError(f"{name}: not part of contract v1 (send v: 2)")
+
+
+def _v2_required(fields: tuple[str, ...]) -> dict[str, Any]:
+    """The same rule in the published JSON Schema."""
+    return {
+        "allOf": [
+            {
+                "if": {"properties": {"v": {"const": 2}}},
+                "then": {"required": list(fields)},
+                "else": {"not": {"anyOf": [{"required": [f]} for f in fields]}},
+            }
+        ]
+    }
+
+
+_TELEMETRY_SCHEMA_EXTRA = _v2_required(_TELEMETRY_V2)
+_TELEMETRY_SCHEMA_EXTRA["allOf"].append(
+    {
+        "if": {"properties": {"v": {"const": 2}, "battery_eri": {"const": True}}},
+        "then": {"required": ["eri_since"]},
+        "else": {"not": {"required": ["eri_since"]}},
+    }
+)
+
+
 class Telemetry(_Envelope):
     """Periodic reading, sent every reporting interval."""
+
+    model_config = ConfigDict(json_schema_extra=_TELEMETRY_SCHEMA_EXTRA)
 
     kind: Literal["telemetry"] = "telemetry"
     delivered_ul_per_h: Rate_ul_per_h = Field(
@@ -126,6 +185,25 @@ class Telemetry(_Envelope):
     alarms: tuple[PumpAlarm, ...] = Field(
         default=(), max_length=len(PumpAlarm), description="Active pump alarms."
     )
+    # Version 2: required there, absent in version 1.
+    reservoir_source: ReservoirSource | None = Field(
+        default=None,
+        description="v2: how reservoir_ml was obtained: calculated (refill entry minus rotor or "
+        "valve counts) or measured (an independent sensor). v1: absent, read as calculated.",
+    )
+    reporting_interval_s: Annotated[int, Field(ge=1, le=86_400)] | None = Field(
+        default=None, description="v2: seconds between two telemetry messages of this pump."
+    )
+    scheduled_ul_per_h: Rate_ul_per_h | None = Field(
+        default=None,
+        description="v2: flow the programme (schedule steps and boluses) asked for over the "
+        "same interval as delivered_ul_per_h; 0 while suspended.",
+    )
+    eri_since: DeviceTime | None = Field(
+        default=None,
+        description="v2: when the elective replacement indicator began (the pump records it); "
+        "required while battery_eri is true, absent otherwise.",
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> Telemetry:
@@ -138,7 +216,17 @@ class Telemetry(_Envelope):
             raise ValueError("low_reservoir_alarm_ml exceeds reservoir_capacity_ml")
         if len(set(self.alarms)) != len(self.alarms):
             raise ValueError("alarms: an alarm is listed twice")
+        _versioned(self, _TELEMETRY_V2, self.v)
+        if self.v == 1 and self.eri_since is not None:
+            raise ValueError("eri_since: not part of contract v1 (send v: 2)")
+        if self.v == 2 and (self.eri_since is not None) != self.battery_eri:
+            raise ValueError("eri_since: required while battery_eri is true, absent otherwise")
         return self
+
+    @property
+    def source(self) -> ReservoirSource:
+        """How reservoir_ml was obtained; a v1 message's volume is the pump's calculation."""
+        return self.reservoir_source or ReservoirSource.CALCULATED
 
 
 class FlexStep(_Strict):
@@ -171,12 +259,33 @@ class _Event(_Envelope):
 
 
 class Refill(_Event):
+    """A refill visit. `withdrawn_ml` and `injected_ml` are what the clinician entered (syringe
+    readings, tenths of a mL of human error); the other two say where they came from."""
+
+    model_config = ConfigDict(json_schema_extra=_v2_required(_REFILL_V2))
+
     event: Literal["refill"]
     expected_ml: Volume_ml = Field(description="Volume the pump expected to hold before refill.")
-    withdrawn_ml: Volume_ml = Field(description="Volume withdrawn from the reservoir at refill.")
-    injected_ml: Volume_ml = Field(description="Volume the clinician injected.")
-    reservoir_after_ml: Volume_ml = Field(description="Reservoir volume entered after refill.")
+    withdrawn_ml: Volume_ml = Field(
+        description="Volume the clinician withdrew from the reservoir at refill (entered)."
+    )
+    injected_ml: Volume_ml = Field(description="Volume the clinician injected (entered).")
+    reservoir_after_ml: Volume_ml = Field(description="Reservoir volume after the refill.")
     concentration_mcg_per_ml: Annotated[float, Field(gt=0, le=10_000, allow_inf_nan=False)]
+    expected_source: ReservoirSource | None = Field(
+        default=None,
+        description="v2: calculated (refill entry minus rotor counts) or measured by a sensor.",
+    )
+    reservoir_after_source: Literal["entered", "measured"] | None = Field(
+        default=None,
+        description="v2: entered by the clinician (a calculated-volume pump takes the injected "
+        "volume on trust) or measured by the pump's sensor after the refill.",
+    )
+
+    @model_validator(mode="after")
+    def _v2(self) -> Refill:
+        _versioned(self, _REFILL_V2, self.v)
+        return self
 
 
 class Reprogram(_Event):
@@ -195,6 +304,18 @@ class Bolus(_Event):
     source: Literal["clinician", "patient"]
     dose_mcg: Annotated[float, Field(gt=0, le=2_000, allow_inf_nan=False)]
     duration_min: Annotated[float, Field(ge=0, le=24 * 60, allow_inf_nan=False)]
+
+
+class Suspend(_Event):
+    """A clinician stopped therapy in a programming session: no delivery is on purpose."""
+
+    event: Literal["suspend"]
+
+
+class Resume(_Event):
+    """A clinician restarted therapy after a suspend."""
+
+    event: Literal["resume"]
 
 
 class MriStart(_Event):
@@ -236,6 +357,8 @@ EventMessage = (
     Refill
     | Reprogram
     | Bolus
+    | Suspend
+    | Resume
     | MriStart
     | MriEnd
     | MotorStall

@@ -14,7 +14,7 @@ class Latch:
     for `off_s`, an escalation at once, or a de-escalation after the lower level held `off_s`.
     """
 
-    __slots__ = ("key", "lower_since_s", "off_since_s", "on_since_s", "priority")
+    __slots__ = ("key", "lower_since_s", "off_s", "off_since_s", "on_since_s", "priority")
 
     def __init__(self) -> None:
         self.priority: Priority | None = None
@@ -23,6 +23,9 @@ class Latch:
         self.lower_since_s: float | None = None
         self.key: object = None
         """What the open alert is about (e.g. which pump alarms); a change is reported again."""
+        self.off_s = 0.0
+        """The off hold of the condition while it held: a rule that says "absent" need not
+        know how long its alert must wait before it ends."""
 
     @property
     def idle(self) -> bool:

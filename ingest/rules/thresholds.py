@@ -42,33 +42,65 @@ class Thresholds(BaseModel):
         "session in the message stream is a battery-fault rate reset.",
     )
 
+    critical_explains_no_delivery: tuple[str, ...] = Field(
+        default=("empty_reservoir", "eos", "critical_memory_error", "motor_stall"),
+        description="Pump alarms that explain 'no delivery': while one is active the "
+        "under-infusion page is inhibited and attached to the critical alarm as context.",
+    )
+    noncritical_priority: Priority = "low"
+
     # over- and under-infusion ---------------------------------------------------------------
     flow_accuracy: float = Field(default=0.145, gt=0, lt=1, description="Labelled +-14.5 %.")
-    trend_window_s: float = Field(
-        default=3 * _H, gt=0, description="Shortest reservoir-trend window judged."
-    )
-    trend_min_rotor_ul: float = Field(
-        default=20.0,
+    flow_clear_fraction: float = Field(
+        default=0.10,
         gt=0,
-        description="Judge a window only once the rotor counted this much; slow pumps get "
-        "longer windows.",
+        lt=1,
+        description="An open flow alert ends only once the deviation is back inside this "
+        "(and stays there for the off duration): clearly absent, not just under the limit.",
     )
-    reservoir_resolution_ul: float = Field(
-        default=1.0,
-        ge=0,
-        description="Reading resolution; the trend tolerates this on top of the accuracy.",
+    counts_window_s: float = Field(
+        default=6 * _H, gt=0, description="Delivered (rotor/valve counts) against scheduled."
     )
-    telemetry_gap_intervals: float = Field(
-        default=1.5,
-        gt=1,
-        description="Telemetry further apart than this many intervals restarts the trend: the "
-        "rotor count of a lost reading is unknown.",
+    counts_min_span_s: float = Field(
+        default=3 * _H, gt=0, description="Judge the counts window once it spans this long."
     )
-    trend_on_s: float = Field(default=1800.0, ge=0)
-    trend_off_s: float = Field(default=2 * _H, ge=0)
+    counts_min_scheduled_ul: float = Field(
+        default=5.0, gt=0, description="...and the programme asked for at least this much."
+    )
+    counts_off_s: float = Field(default=2 * _H, ge=0)
+    trend_window_s: float = Field(
+        default=24 * _H,
+        gt=0,
+        description="Measured-volume trend: least-squares slope of the measured reservoir "
+        "against the rotor count over this window (and over the short one).",
+    )
+    trend_short_window_s: float = Field(default=6 * _H, gt=0)
+    trend_bucket_s: float = Field(
+        default=_H, gt=0, description="The trend keeps sums per bucket: memory is bounded."
+    )
+    trend_min_span_fraction: float = Field(
+        default=0.75, gt=0, le=1, description="A window is judged once it is this full."
+    )
+    trend_z: float = Field(
+        default=3.0, gt=0, description="Confidence: the slope's bound at z standard errors."
+    )
+    trend_max_se: float = Field(
+        default=0.04,
+        gt=0,
+        description="A full long window whose slope is less precise than this cannot judge "
+        "+-14.5 %: the pump gets the flow_not_observable notice instead of silence.",
+    )
+    trend_jump_ml: float = Field(
+        default=0.5,
+        gt=0,
+        description="A measured rise above the fit by this much is a refill whose event was "
+        "lost: the trend starts again.",
+    )
+    trend_off_s: float = Field(default=6 * _H, ge=0)
     no_delivery_on_s: float = Field(
         default=1200.0, ge=0, description="Rotor at 0 while programmed > 0 this long: a stall."
     )
+    no_delivery_off_s: float = Field(default=1200.0, ge=0)
     over_infusion_priority: Priority = "high"
     under_infusion_priority: Priority = "high"
 
@@ -81,25 +113,48 @@ class Thresholds(BaseModel):
         default=20.0, gt=0, description="Pumps up to this capacity use the small limit."
     )
     pocket_fill_priority: Priority = "high"
-    refill_discrepancy_ml: float = Field(default=2.0, gt=0)
+    refill_discrepancy_ml: float = Field(
+        default=2.0, gt=0, description="A discrepancy below this never fires (entry error)."
+    )
     refill_discrepancy_fraction: float = Field(
         default=0.145,
         gt=0,
-        description="Of the volume infused since the previous refill (needs that refill seen).",
+        description="Labelled accuracy: of the volume infused since the previous refill.",
     )
-    refill_discrepancy_floor_ml: float = Field(
-        default=0.5,
-        ge=0,
-        description="Below this the fraction test is reading noise (withdrawal +-0.15 mL).",
+    refill_change_fraction: float = Field(
+        default=0.06,
+        gt=0,
+        description="Once the pump's own bias is learned, a refill that departs from it by "
+        "more than this share of the infused volume (and the 2 mL floor) fires too.",
+    )
+    refill_bias_min_refills: int = Field(
+        default=2, ge=1, description="Refills with a known infused volume before the bias counts."
+    )
+    refill_drift_refills: int = Field(default=3, ge=3, description="Refills a drift spans.")
+    refill_drift_fraction: float = Field(
+        default=0.04,
+        gt=0,
+        description="Bias moving one way by more than this over the drift refills: low alert.",
+    )
+    refill_entry_sd_ml: float = Field(
+        default=0.3, ge=0, description="Clinician's withdrawn-volume reading error (SD)."
     )
     refill_discrepancy_priority: Priority = "medium"
     refill_discrepancy_repeated_priority: Priority = "high"
+    refill_drift_priority: Priority = "low"
 
     # MRI ------------------------------------------------------------------------------------
-    mri_recovery_s: float = Field(default=24 * _H, gt=0)
+    mri_recovery_s: float = Field(
+        default=24 * _H, gt=0, description="No recovery this long after the scan: high."
+    )
+    mri_medium_s: float = Field(
+        default=6 * _H, gt=0, description="Stall still ongoing this long after the scan: medium."
+    )
     mri_max_scan_s: float = Field(
         default=2 * _H, gt=0, description="Scan length assumed when the mri_end event is missing."
     )
+    post_mri_low_priority: Priority = "low"
+    post_mri_medium_priority: Priority = "medium"
     post_mri_priority: Priority = "high"
 
     # low reservoir ----------------------------------------------------------------------------
@@ -150,6 +205,12 @@ class Thresholds(BaseModel):
         "(two lost in a row) is not silence.",
     )
     silence_medium_s: float = Field(default=24 * _H, gt=0)
+    default_reporting_interval_s: float = Field(
+        default=600.0,
+        gt=0,
+        description="Used only when neither the pump (contract v2) nor the clinic says; the "
+        "pump then gets the clinic_data_missing notice.",
+    )
     silence_low_priority: Priority = "low"
     silence_medium_priority: Priority = "medium"
 
@@ -168,10 +229,16 @@ class Thresholds(BaseModel):
     )
     sequence_gap_priority: Priority = "low"
 
+    notice_priority: Priority = "info"
+
     @model_validator(mode="after")
     def _ordered(self) -> Thresholds:
         if self.refill_due_high_days >= self.refill_due_medium_days:
             raise ValueError("refill_due_high_days must be below refill_due_medium_days")
+        if self.mri_medium_s >= self.mri_recovery_s:
+            raise ValueError("mri_medium_s must be below mri_recovery_s")
+        if self.flow_clear_fraction >= self.flow_accuracy:
+            raise ValueError("flow_clear_fraction must be below flow_accuracy")
         if self.battery_high_days_to_eos >= self.eos_after_eri_days:
             raise ValueError("battery_high_days_to_eos must be below eos_after_eri_days")
         return self
@@ -202,7 +269,14 @@ class PumpProfile(BaseModel):
     low_reservoir_alarm_ml: float | None = Field(
         default=None, gt=0, le=100, description="None: the alarm volume the pump reports."
     )
-    reporting_interval_s: float = Field(default=600.0, gt=0, le=86_400)
+    reporting_interval_s: float | None = Field(
+        default=None, gt=0, le=86_400, description="None: the interval the pump reports."
+    )
+    confirmed: bool = Field(
+        default=True,
+        description="False for a row the ingester registered from a first message: the clinic "
+        "has not said whether the patient is high-risk.",
+    )
     high_risk: bool = Field(
         default=False, description="High spinal cord injury or prior withdrawal: 4 mL advised."
     )
@@ -231,7 +305,10 @@ class PumpProfile(BaseModel):
     def from_row(cls, row: Mapping[str, Any]) -> PumpProfile:
         """From a `pumps` registry row (or any mapping): the columns it knows, nulls skipped."""
         known = set(cls.model_fields)
-        return cls.model_validate({k: v for k, v in row.items() if k in known and v is not None})
+        values = {k: v for k, v in row.items() if k in known and v is not None}
+        if row.get("registered_by") == "ingest":
+            values["confirmed"] = False
+        return cls.model_validate(values)
 
     def thresholds(self, base: Thresholds) -> Thresholds:
         """`base` with this pump's overrides applied."""

@@ -1,15 +1,21 @@
 """A hand-driven pump for unit tests: contract messages with running seq and time, a reservoir
-that falls with the rotor (times a true-flow factor), and the engine's answers."""
+that falls with the rotor (times a true-flow factor), and the engine's answers.
+
+`family="measured"` (the default) reports the true volume plus `noise_ul` of sensor noise, as a
+pump with a reservoir sensor would; `family="calculated"` reports what a SynchroMed-class pump
+computes (the refill entry minus the rotor counts), whatever the true flow does. `v=1` sends
+contract v1 payloads (no source, interval or schedule: read as calculated)."""
 
 from __future__ import annotations
 
+import random
 from datetime import UTC, datetime, timedelta
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel
 
 from ingest.findings import Finding
-from ingest.rules import RuleEngine
+from ingest.rules import PumpProfile, RuleEngine
 from pumpfleet.contract import (
     AlarmCleared,
     AlarmRaised,
@@ -22,6 +28,7 @@ from pumpfleet.contract import (
     PumpAlarm,
     PumpState,
     Refill,
+    ReservoirSource,
     Reprogram,
     Schedule,
     Status,
@@ -50,9 +57,24 @@ class Feed:
         capacity_ml: float = 40.0,
         alarm_ml: float = 2.0,
         interval_s: float = 600.0,
+        family: Literal["measured", "calculated"] = "measured",
+        v: int = 2,
+        noise_ul: float = 0.0,
+        profile: PumpProfile | None | Literal["default"] = "default",
+        seed: int = 1,
     ) -> None:
         self.engine = engine if engine is not None else RuleEngine()
         self.pump_id = pump_id
+        self.family = family
+        self.v = v
+        self.noise_ul = noise_ul
+        self.rng = random.Random(seed)
+        if profile == "default":
+            profile = PumpProfile(pump_id=pump_id, reporting_interval_s=interval_s)
+        if profile is not None:
+            self.engine.set_profile(profile)
+        self.true_ml = reservoir_ml
+        self.eri_since: datetime | None = None
         self.now = T0
         self.seq = 0
         self.reservoir_ml = reservoir_ml
@@ -78,7 +100,7 @@ class Feed:
 
     def _envelope(self, dt_s: float) -> dict[str, Any]:
         self.now += timedelta(seconds=dt_s)
-        env = {"v": 1, "pump_id": self.pump_id, "seq": self.seq, "time": self.now}
+        env = {"v": self.v, "pump_id": self.pump_id, "seq": self.seq, "time": self.now}
         self.seq += 1
         return env
 
@@ -87,9 +109,12 @@ class Feed:
         dt_s = self.interval_s if dt_s is None else dt_s
         turning = self.state is PumpState.INFUSING
         delivered = fields.pop("delivered_ul_per_h", self.rate_ul_per_h if turning else 0.0)
-        self.reservoir_ml = max(
-            0.0, self.reservoir_ml - delivered * self.flow_factor * dt_s / 3.6e6
-        )
+        self.true_ml = max(0.0, self.true_ml - delivered * self.flow_factor * dt_s / 3.6e6)
+        if self.family == "measured":
+            noisy = self.true_ml + self.rng.gauss(0.0, self.noise_ul) / 1000.0
+            self.reservoir_ml = min(self.capacity_ml, max(0.0, noisy))
+        else:
+            self.reservoir_ml = max(0.0, self.reservoir_ml - delivered * dt_s / 3.6e6)
         body: dict[str, Any] = {
             "delivered_ul_per_h": round(delivered, 3),
             "programmed_rate_ul_per_h": round(self.rate_ul_per_h, 3),
@@ -103,6 +128,16 @@ class Feed:
             "pump_state": self.state,
             "alarms": self.alarms,
         }
+        if self.v >= 2:
+            suspended = self.state is PumpState.SUSPENDED
+            body |= {
+                "reservoir_source": ReservoirSource(self.family),
+                "reporting_interval_s": int(self.interval_s),
+                "scheduled_ul_per_h": 0.0 if suspended else round(self.rate_ul_per_h, 3),
+            }
+            if self.eri:
+                self.eri_since = self.eri_since or self.now
+                body["eri_since"] = self.eri_since
         body.update(fields)
         return Telemetry.model_validate({**self._envelope(dt_s), **body})
 
@@ -117,6 +152,10 @@ class Feed:
         return found
 
     def event_msg(self, cls: type[EventT], dt_s: float = 0.0, **fields: Any) -> EventT:
+        if cls is Refill and self.v >= 2:
+            measured = self.family == "measured"
+            fields.setdefault("expected_source", ReservoirSource(self.family))
+            fields.setdefault("reservoir_after_source", "measured" if measured else "entered")
         return cls.model_validate({**self._envelope(dt_s), "kind": "event", **fields})
 
     def event(self, cls: type[BaseModel], dt_s: float = 0.0, **fields: Any) -> list[Finding]:
@@ -131,7 +170,7 @@ class Feed:
         after_ml: float | None = None,
     ) -> list[Finding]:
         after_ml = injected_ml if after_ml is None else after_ml
-        self.reservoir_ml = after_ml
+        self.reservoir_ml = self.true_ml = after_ml
         return self.event(
             Refill,
             event="refill",

@@ -1,0 +1,417 @@
+"""over_infusion and under_infusion: is the pump delivering what it was programmed to?
+
+Three sources of evidence, each honest about which pumps it works on:
+
+1. Delivery counts, every pump family. `delivered_ul_per_h` (rotor or valve counts) against
+   `scheduled_ul_per_h` (what the programme, steps and boluses, asked for over the same
+   interval; v1: the programmed rate, intervals with a bolus skipped), summed over the last
+   6 h of infusing readings. Outside +-14.5 % the pump itself is not doing what it was told (a
+   rotor at 1 %, 50 %, 130 % or 200 %). Counts are exact, so no noise allowance is needed.
+2. Measured reservoir trend, `reservoir_source: measured` only. The least-squares slope of the
+   measured volume against the rotor count, over 24 h and over the newest 6 h, from hourly
+   sums (bounded memory). The slope is how much drug left the reservoir per uL the rotor
+   counted: 1 +- 14.5 % for a healthy pump. It fires only when the slope's confidence bound
+   (3 standard errors, from the fit's own residuals: the sensor's noise) lies outside the
+   label, so noise cannot page and the window is long enough to see a +16 % over-infusion
+   through a few uL of noise. A full 24 h window too imprecise to judge +-14.5 % (a noisy
+   sensor on a slow pump) is said out loud: the pump gets the flow_not_observable notice. A
+   calculated volume falls exactly as the rotor counts, whatever happens to the drug: no trend
+   is computed on it (flow_not_observable says so instead).
+3. No delivery: the rotor at 0 while the programme asks for flow and nobody suspended the pump
+   (20 min). Not during or after an MRI scan (post_mri watches that), and inhibited while a
+   pump alarm explains it (empty reservoir, EOS, critical memory error, motor stall): one
+   cause, one page, the consequence rides on the critical alarm.
+
+An open alert ends only once its condition is clearly absent: the deviation back inside +-10 %
+(and, for the trend, confidently inside the label), held for the off duration (2 h counts,
+6 h trend). Between the limit and the clear band an open alert stays open: no flapping.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from typing import Any, Literal
+
+from ingest.findings import Priority
+from ingest.rules._facts import ABSENT, INF, Pump, Rule, Verdict
+from pumpfleet.contract import (
+    Bolus,
+    Message,
+    PumpState,
+    Refill,
+    ReservoirSource,
+    Resume,
+    Suspend,
+    Telemetry,
+)
+
+Call = Literal["over", "under", "clear", "hold"]
+"""A window's call: outside the label, clearly inside it, or in between (keep what is open)."""
+
+_COUNTS_BUCKET_S = 1800.0
+_RESTART_GAP_INTERVALS = 6.0
+
+
+class Fit:
+    """Least-squares sums of one window: y (measured uL) against x (rotor uL)."""
+
+    __slots__ = ("first_s", "last_s", "n", "sx", "sxx", "sxy", "sy", "syy")
+
+    def __init__(self) -> None:
+        self.n = 0
+        self.sx = self.sy = self.sxx = self.sxy = self.syy = 0.0
+        self.first_s = INF
+        self.last_s = -INF
+
+    def add(self, t: float, x: float, y: float) -> None:
+        self.n += 1
+        self.sx += x
+        self.sy += y
+        self.sxx += x * x
+        self.sxy += x * y
+        self.syy += y * y
+        self.first_s = min(self.first_s, t)
+        self.last_s = max(self.last_s, t)
+
+    def merge(self, other: Fit) -> None:
+        self.n += other.n
+        self.sx += other.sx
+        self.sy += other.sy
+        self.sxx += other.sxx
+        self.sxy += other.sxy
+        self.syy += other.syy
+        self.first_s = min(self.first_s, other.first_s)
+        self.last_s = max(self.last_s, other.last_s)
+
+    def slope(self) -> tuple[float, float] | None:
+        """(ratio of reservoir fall to rotor count, its standard error); None if unjudgeable."""
+        n = self.n
+        if n < 4:
+            return None
+        sxx = self.sxx - self.sx * self.sx / n
+        if sxx <= 1e-9:
+            return None
+        sxy = self.sxy - self.sx * self.sy / n
+        syy = self.syy - self.sy * self.sy / n
+        b = sxy / sxx
+        resid = max(0.0, syy - b * sxy) / (n - 2)
+        return -b, math.sqrt(resid / sxx)
+
+    def predict(self, x: float) -> float | None:
+        n = self.n
+        if n < 4:
+            return None
+        sxx = self.sxx - self.sx * self.sx / n
+        if sxx <= 1e-9:
+            return None
+        b = (self.sxy - self.sx * self.sy / n) / sxx
+        return self.sy / n + b * (x - self.sx / n)
+
+
+def call_ratio(ratio: float, spread: float, th: Any) -> Call:
+    """Ratio delivered/programmed (1 = as programmed), with `spread` (z x standard error)."""
+    acc, clear = th.flow_accuracy, th.flow_clear_fraction
+    if ratio - spread > 1.0 + acc:
+        return "over"
+    if ratio + spread < 1.0 - acc:
+        return "under"
+    if abs(ratio - 1.0) <= clear and ratio + spread <= 1.0 + acc and ratio - spread >= 1.0 - acc:
+        return "clear"
+    return "hold"
+
+
+class FlowState:
+    """Per-pump evidence for both flow rules."""
+
+    __slots__ = (
+        "bolus_until_s",
+        "causes",
+        "counts",
+        "counts_call",
+        "counts_fig",
+        "no_delivery",
+        "prev_programmed",
+        "trend",
+        "trend_blind",
+        "trend_call",
+        "trend_fig",
+        "trend_restart",
+        "trend_x",
+        "trend_y0",
+    )
+
+    def __init__(self) -> None:
+        self.counts: deque[list[float]] = deque()
+        """[bucket start, delivered uL, scheduled uL, first reading s]"""
+        self.counts_call: Call | None = None
+        self.counts_fig: dict[str, Any] = {}
+        self.trend: deque[tuple[float, Fit]] = deque()
+        self.trend_x = 0.0
+        self.trend_y0 = 0.0
+        self.trend_restart = True
+        self.trend_call: Call | None = None
+        self.trend_fig: dict[str, Any] = {}
+        self.trend_blind = False
+        self.no_delivery = False
+        self.causes: dict[str, set[str]] = {}
+        """Per rule, the sources that fired its open alert: those must clear to end it."""
+        self.bolus_until_s = -INF
+        self.prev_programmed: float | None = None
+
+
+def flow_state(p: Pump) -> FlowState:
+    st = p.state.get("flow")
+    if st is None:
+        st = p.state["flow"] = FlowState()
+    return st
+
+
+def _counts(st: FlowState, p: Pump, m: Telemetry, t: float) -> None:
+    th = p.th
+    dt_h = p.interval_s / 3600.0
+    infusing = m.pump_state is PumpState.INFUSING and not p.mri_active and not p.suspended
+    if m.scheduled_ul_per_h is not None:
+        scheduled = m.scheduled_ul_per_h
+        usable = infusing
+    else:  # v1: the rate now; an interval with a bolus or a step change cannot be compared
+        scheduled = m.programmed_rate_ul_per_h
+        steady = st.prev_programmed is None or st.prev_programmed == scheduled
+        usable = infusing and steady and t - p.interval_s >= st.bolus_until_s
+        st.prev_programmed = scheduled
+    if usable and scheduled > 0:
+        start = t - t % _COUNTS_BUCKET_S
+        buckets = st.counts
+        if buckets and buckets[-1][0] == start:
+            bucket = buckets[-1]
+            bucket[1] += m.delivered_ul_per_h * dt_h
+            bucket[2] += scheduled * dt_h
+        else:
+            buckets.append([start, m.delivered_ul_per_h * dt_h, scheduled * dt_h, t])
+    buckets = st.counts
+    while buckets and buckets[0][0] + _COUNTS_BUCKET_S <= t - th.counts_window_s:
+        buckets.popleft()
+    if not buckets:
+        st.counts_call = None
+        return
+    delivered = sum(b[1] for b in buckets)
+    scheduled_ul = sum(b[2] for b in buckets)
+    span = t - buckets[0][3]
+    if span < th.counts_min_span_s or scheduled_ul < th.counts_min_scheduled_ul:
+        st.counts_call = None
+        return
+    ratio = delivered / scheduled_ul
+    st.counts_call = call_ratio(ratio, 0.0, th)
+    st.counts_fig = {
+        "cause": "delivery_counts",
+        "delivered_ul": round(delivered, 1),
+        "scheduled_ul": round(scheduled_ul, 1),
+        "window_h": round(span / 3600.0, 1),
+        "deviation_pct": round((ratio - 1.0) * 100, 1),
+        "limit_pct": th.flow_accuracy * 100,
+    }
+
+
+def _trend(st: FlowState, p: Pump, m: Telemetry, t: float) -> None:
+    th = p.th
+    if m.source is not ReservoirSource.MEASURED:
+        st.trend.clear()
+        st.trend_restart = True
+        st.trend_call = None
+        st.trend_blind = False
+        return
+    y_ml = m.reservoir_ml
+    gap = t - p.prev_tel_s
+    if st.trend_restart or gap > _RESTART_GAP_INTERVALS * p.interval_s or gap <= 0:
+        _restart(st, y_ml)
+    else:
+        # The rotor count since the previous reading used: a reading lost or arriving late
+        # leaves its interval to the next one, at that one's rate.
+        st.trend_x += m.delivered_ul_per_h * gap / 3600.0
+        y = (y_ml - st.trend_y0) * 1000.0
+        whole = _window(st, t, th.trend_window_s, th.trend_bucket_s)
+        predicted = whole.predict(st.trend_x) if whole is not None else None
+        if predicted is not None and y - predicted > th.trend_jump_ml * 1000.0:
+            _restart(st, y_ml)  # a refill whose event was lost
+    y = (y_ml - st.trend_y0) * 1000.0
+    start = t - t % th.trend_bucket_s
+    if not st.trend or st.trend[-1][0] != start:
+        st.trend.append((start, Fit()))
+    st.trend[-1][1].add(t, st.trend_x, y)
+    while st.trend and st.trend[0][0] + th.trend_bucket_s <= t - th.trend_window_s:
+        st.trend.popleft()
+    st.trend_blind = False
+    judged: list[tuple[Call, dict[str, Any], float]] = []
+    for window_s in (th.trend_short_window_s, th.trend_window_s):
+        fit = _window(st, t, window_s, th.trend_bucket_s)
+        if fit is None or t - fit.first_s < th.trend_min_span_fraction * window_s:
+            continue
+        got = fit.slope()
+        if got is None:
+            continue
+        ratio, se = got
+        if window_s == th.trend_window_s and se > th.trend_max_se:
+            st.trend_blind = True
+        call = call_ratio(ratio, th.trend_z * se, th)
+        fig = {
+            "cause": "measured_trend",
+            "window_h": round((t - fit.first_s) / 3600.0, 1),
+            "readings": fit.n,
+            "deviation_pct": round((ratio - 1.0) * 100, 1),
+            "standard_error_pct": round(se * 100, 2),
+            "limit_pct": th.flow_accuracy * 100,
+        }
+        judged.append((call, fig, t - fit.first_s))
+    # Either window outside the label fires; only the long one can say "clearly absent".
+    st.trend_call, st.trend_fig = None, {}
+    for call, fig, _span in judged:
+        if call in ("over", "under"):
+            st.trend_call, st.trend_fig = call, fig
+            return
+    if judged:
+        call, fig, span = judged[-1]
+        long_full = span >= th.trend_min_span_fraction * th.trend_window_s
+        st.trend_call = call if (call != "clear" or long_full) else "hold"
+        st.trend_fig = fig
+
+
+def _restart(st: FlowState, y_ml: float) -> None:
+    st.trend.clear()
+    st.trend_x = 0.0
+    st.trend_y0 = y_ml
+    st.trend_restart = False
+
+
+def _window(st: FlowState, t: float, window_s: float, bucket_s: float) -> Fit | None:
+    fit: Fit | None = None
+    for start, bucket in st.trend:
+        if start + bucket_s <= t - window_s:
+            continue
+        if fit is None:
+            fit = Fit()
+        fit.merge(bucket)
+    return fit
+
+
+def observe_flow(p: Pump, msg: Message, t: float) -> None:
+    st = flow_state(p)
+    if isinstance(msg, Telemetry):
+        if p.new_tel:
+            _counts(st, p, msg, t)
+            _trend(st, p, msg, t)
+            st.no_delivery = (
+                msg.delivered_ul_per_h <= 0.0
+                and p.scheduled_ul_per_h > 0.0
+                and msg.pump_state is not PumpState.SUSPENDED
+                and not p.suspended
+            )
+    elif isinstance(msg, Refill):
+        st.trend_restart = True  # the reservoir trend starts again from the next reading
+        st.trend.clear()
+        st.trend_call = None
+    elif isinstance(msg, Bolus):
+        st.bolus_until_s = max(st.bolus_until_s, t + msg.duration_min * 60.0)
+    elif isinstance(msg, (Suspend, Resume)):
+        st.counts.clear()
+        st.counts_call = None
+
+
+def _judge_flow(
+    p: Pump, name: str, direction: Call, stalled: bool, priority: Priority, th: Any
+) -> Verdict:
+    """Fire on any source outside the label; end only once every source that fired it is
+    clearly inside (a stall: once the rotor turns); in between an open alert stays open."""
+    st = flow_state(p)
+    sources = {"delivery_counts": st.counts_call, "measured_trend": st.trend_call}
+    fired = {k for k, c in sources.items() if c == direction}
+    if stalled:
+        fired.add("no_delivery")
+    causes: set[str] = st.causes.setdefault(name, set())
+    if fired:
+        causes.clear()
+        causes.update(fired)
+        if fired == {"no_delivery"}:
+            return Verdict(priority, th.no_delivery_on_s, th.no_delivery_off_s, "no_delivery")
+        off = th.trend_off_s if "measured_trend" in fired else th.counts_off_s
+        return Verdict(priority, 0.0, off, "flow")
+    current = p.priority(name)
+    if current is None:
+        return ABSENT
+    if all(sources.get(c, "clear") == "clear" for c in causes if c != "no_delivery"):
+        return ABSENT
+    return Verdict(current, 0.0, p.latches[name].off_s, "flow")
+
+
+class OverInfusion(Rule):
+    name = "over_infusion"
+    off_attr = "trend_off_s"
+
+    def observe(self, p: Pump, msg: Message, t: float) -> None:
+        observe_flow(p, msg, t)  # shared with under_infusion: run once, here
+
+    def judge(self, p: Pump, t: float) -> Verdict:
+        if "flow" not in p.state:
+            return ABSENT
+        th = p.th
+        return _judge_flow(p, self.name, "over", False, th.over_infusion_priority, th)
+
+    def describe(self, p: Pump, active: bool) -> tuple[str, dict[str, Any]]:
+        return _text(flow_state(p), active, "Over-infusion", "over")
+
+
+class UnderInfusion(Rule):
+    name = "under_infusion"
+    off_attr = "trend_off_s"
+
+    def judge(self, p: Pump, t: float) -> Verdict:
+        st = p.state.get("flow")
+        if st is None:
+            return ABSENT
+        th = p.th
+        stalled = st.no_delivery and not p.mri_active and not p.explained_stop()
+        return _judge_flow(p, self.name, "under", stalled, th.under_infusion_priority, th)
+
+    def describe(self, p: Pump, active: bool) -> tuple[str, dict[str, Any]]:
+        st = flow_state(p)
+        if active and st.no_delivery:
+            tel = p.tel
+            details = {
+                "cause": "no_delivery",
+                "delivered_ul_per_h": tel.delivered_ul_per_h if tel else None,
+                "scheduled_ul_per_h": p.scheduled_ul_per_h,
+                "pump_state": tel.pump_state.value if tel else None,
+            }
+            return (
+                f"No delivery while programmed {p.scheduled_ul_per_h:.2f} uL/h "
+                f"(pump {details['pump_state']})",
+                details,
+            )
+        return _text(st, active, "Under-infusion", "under")
+
+
+def _text(st: FlowState, active: bool, what: str, direction: str) -> tuple[str, dict[str, Any]]:
+    parts = []
+    details: dict[str, Any] = {}
+    if st.counts_call is not None:
+        f = st.counts_fig
+        details["delivery_counts"] = f
+        parts.append(
+            f"rotor/valve counts {f['delivered_ul']:.1f} uL against {f['scheduled_ul']:.1f} uL "
+            f"programmed in {f['window_h']:g} h ({f['deviation_pct']:+.1f} %)"
+        )
+    if st.trend_call is not None and st.trend_fig:
+        f = st.trend_fig
+        details["measured_trend"] = f
+        parts.append(
+            f"measured reservoir fell {f['deviation_pct']:+.1f} % (+-{f['standard_error_pct']:.1f} "
+            f"% SE) against the rotor count over {f['window_h']:g} h"
+        )
+    fired = [
+        k
+        for k, c in (("delivery_counts", st.counts_call), ("measured_trend", st.trend_call))
+        if c == direction
+    ]
+    details["cause"] = fired[0] if fired else "none"
+    text = "; ".join(parts) or "no window to judge"
+    limit = "limit +-14.5 %"
+    return (f"{what}: {text} ({limit})" if active else f"{what} ended: {text}"), details

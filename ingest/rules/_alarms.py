@@ -34,6 +34,11 @@ def critical_causes(p: Pump) -> list[str]:
     return sorted(causes)
 
 
+def _stopped(p: Pump) -> bool:
+    """No delivery while programmed, explained by a pump alarm (under_infusion inhibited)."""
+    return bool(p.explained_stop()) and p.scheduled_ul_per_h > 0 and not p.delivering
+
+
 class CriticalPumpAlarm(Rule):
     name = "critical_pump_alarm"
     off_attr = "critical_off_s"
@@ -43,7 +48,9 @@ class CriticalPumpAlarm(Rule):
         if not causes:
             return ABSENT
         th = p.th
-        return Verdict(th.critical_priority, 0.0, th.critical_off_s, tuple(causes))
+        # The consequence it explains is part of what the alert is about: reported again when
+        # the stop shows, so the page carries it instead of a second page.
+        return Verdict(th.critical_priority, 0.0, th.critical_off_s, (*causes, _stopped(p)))
 
     def describe(self, p: Pump, active: bool) -> tuple[str, dict[str, Any]]:
         causes = critical_causes(p)
@@ -63,7 +70,7 @@ class CriticalPumpAlarm(Rule):
                 "(battery fault?)"
             )
         explained = p.explained_stop()
-        if explained and p.scheduled_ul_per_h > 0 and not p.delivering:
+        if _stopped(p):
             # One cause, one page: the consequence rides on the alert that explains it.
             details["inhibited"] = [
                 {

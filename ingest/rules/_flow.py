@@ -30,6 +30,7 @@ An open alert ends only once its condition is clearly absent: the deviation back
 from __future__ import annotations
 
 import math
+from array import array
 from collections import deque
 from typing import Any, Literal
 
@@ -49,64 +50,75 @@ from pumpfleet.contract import (
 Call = Literal["over", "under", "clear", "hold"]
 """A window's call: outside the label, clearly inside it, or in between (keep what is open)."""
 
-_COUNTS_BUCKET_S = 1800.0
+_COUNTS_BUCKET_S = 3600.0
 _RESTART_GAP_INTERVALS = 6.0
 
 
-class Fit:
-    """Least-squares sums of one window: y (measured uL) against x (rotor uL)."""
+_N, _SX, _SY, _SXX, _SXY, _SYY, _FIRST, _LAST = range(8)
 
-    __slots__ = ("first_s", "last_s", "n", "sx", "sxx", "sxy", "sy", "syy")
+
+class Fit:
+    """Least-squares sums of one window: y (measured uL) against x (rotor uL), in one array
+    (about 130 bytes a bucket instead of 300 for eight float objects)."""
+
+    __slots__ = ("s",)
 
     def __init__(self) -> None:
-        self.n = 0
-        self.sx = self.sy = self.sxx = self.sxy = self.syy = 0.0
-        self.first_s = INF
-        self.last_s = -INF
+        self.s = array("d", (0.0, 0.0, 0.0, 0.0, 0.0, 0.0, INF, -INF))
+
+    @property
+    def n(self) -> int:
+        return int(self.s[_N])
+
+    @property
+    def first_s(self) -> float:
+        return self.s[_FIRST]
 
     def add(self, t: float, x: float, y: float) -> None:
-        self.n += 1
-        self.sx += x
-        self.sy += y
-        self.sxx += x * x
-        self.sxy += x * y
-        self.syy += y * y
-        self.first_s = min(self.first_s, t)
-        self.last_s = max(self.last_s, t)
+        s = self.s
+        s[_N] += 1
+        s[_SX] += x
+        s[_SY] += y
+        s[_SXX] += x * x
+        s[_SXY] += x * y
+        s[_SYY] += y * y
+        s[_FIRST] = min(s[_FIRST], t)
+        s[_LAST] = max(s[_LAST], t)
 
     def merge(self, other: Fit) -> None:
-        self.n += other.n
-        self.sx += other.sx
-        self.sy += other.sy
-        self.sxx += other.sxx
-        self.sxy += other.sxy
-        self.syy += other.syy
-        self.first_s = min(self.first_s, other.first_s)
-        self.last_s = max(self.last_s, other.last_s)
+        s, o = self.s, other.s
+        for i in range(_FIRST):
+            s[i] += o[i]
+        s[_FIRST] = min(s[_FIRST], o[_FIRST])
+        s[_LAST] = max(s[_LAST], o[_LAST])
+
+    def _centred(self) -> tuple[float, float, float] | None:
+        s = self.s
+        n = s[_N]
+        if n < 4:
+            return None
+        sxx = s[_SXX] - s[_SX] * s[_SX] / n
+        if sxx <= 1e-9:
+            return None
+        return sxx, s[_SXY] - s[_SX] * s[_SY] / n, s[_SYY] - s[_SY] * s[_SY] / n
 
     def slope(self) -> tuple[float, float] | None:
         """(ratio of reservoir fall to rotor count, its standard error); None if unjudgeable."""
-        n = self.n
-        if n < 4:
+        got = self._centred()
+        if got is None:
             return None
-        sxx = self.sxx - self.sx * self.sx / n
-        if sxx <= 1e-9:
-            return None
-        sxy = self.sxy - self.sx * self.sy / n
-        syy = self.syy - self.sy * self.sy / n
+        sxx, sxy, syy = got
         b = sxy / sxx
-        resid = max(0.0, syy - b * sxy) / (n - 2)
+        resid = max(0.0, syy - b * sxy) / (self.s[_N] - 2)
         return -b, math.sqrt(resid / sxx)
 
     def predict(self, x: float) -> float | None:
-        n = self.n
-        if n < 4:
+        got = self._centred()
+        if got is None:
             return None
-        sxx = self.sxx - self.sx * self.sx / n
-        if sxx <= 1e-9:
-            return None
-        b = (self.sxy - self.sx * self.sy / n) / sxx
-        return self.sy / n + b * (x - self.sx / n)
+        s = self.s
+        n = s[_N]
+        return s[_SY] / n + got[1] / got[0] * (x - s[_SX] / n)
 
 
 def call_ratio(ratio: float, spread: float, th: Any) -> Call:
@@ -142,7 +154,7 @@ class FlowState:
     )
 
     def __init__(self) -> None:
-        self.counts: deque[list[float]] = deque()
+        self.counts: deque[array[float]] = deque()
         """[bucket start, delivered uL, scheduled uL, first reading s]"""
         self.counts_call: Call | None = None
         self.counts_fig: dict[str, Any] = {}
@@ -154,7 +166,7 @@ class FlowState:
         self.trend_fig: dict[str, Any] = {}
         self.trend_blind = False
         self.no_delivery = False
-        self.causes: dict[str, set[str]] = {}
+        self.causes: dict[str, tuple[str, ...]] = {}
         """Per rule, the sources that fired its open alert: those must clear to end it."""
         self.bolus_until_s = -INF
         self.prev_programmed: float | None = None
@@ -187,7 +199,7 @@ def _counts(st: FlowState, p: Pump, m: Telemetry, t: float) -> None:
             bucket[1] += m.delivered_ul_per_h * dt_h
             bucket[2] += scheduled * dt_h
         else:
-            buckets.append([start, m.delivered_ul_per_h * dt_h, scheduled * dt_h, t])
+            buckets.append(array("d", (start, m.delivered_ul_per_h * dt_h, scheduled * dt_h, t)))
     buckets = st.counts
     while buckets and buckets[0][0] + _COUNTS_BUCKET_S <= t - th.counts_window_s:
         buckets.popleft()
@@ -326,10 +338,8 @@ def _judge_flow(
     fired = {k for k, c in sources.items() if c == direction}
     if stalled:
         fired.add("no_delivery")
-    causes: set[str] = st.causes.setdefault(name, set())
     if fired:
-        causes.clear()
-        causes.update(fired)
+        st.causes[name] = tuple(sorted(fired))
         if fired == {"no_delivery"}:
             return Verdict(priority, th.no_delivery_on_s, th.no_delivery_off_s, "no_delivery")
         off = th.trend_off_s if "measured_trend" in fired else th.counts_off_s
@@ -337,6 +347,7 @@ def _judge_flow(
     current = p.priority(name)
     if current is None:
         return ABSENT
+    causes = st.causes.get(name, ())
     if all(sources.get(c, "clear") == "clear" for c in causes if c != "no_delivery"):
         return ABSENT
     return Verdict(current, 0.0, p.latches[name].off_s, "flow")

@@ -76,7 +76,7 @@ class Thresholds(BaseModel):
     )
     trend_short_window_s: float = Field(default=6 * _H, gt=0)
     trend_bucket_s: float = Field(
-        default=_H, gt=0, description="The trend keeps sums per bucket: memory is bounded."
+        default=2 * _H, gt=0, description="The trend keeps sums per bucket: memory is bounded."
     )
     trend_min_span_fraction: float = Field(
         default=0.75, gt=0, le=1, description="A window is judged once it is this full."

@@ -10,6 +10,10 @@ from ingest.rules import PumpProfile, RuleEngine, Thresholds
 from ingest.rules.tests.feed import Feed, only
 from pumpfleet.contract import PumpAlarm, Refill
 
+STATE_LIMIT_BYTES = 12 * 1024
+"""Per pump: the last reading, 6 h of hourly delivery counts, 24 h of 2-hourly trend sums, the
+refill book; measured at about 10 kB (README.md, 'Performance'). A million pumps: about 10 GB."""
+
 # sequence_gap -----------------------------------------------------------------------------------
 
 
@@ -113,7 +117,7 @@ def test_a_huge_gap_is_lost_at_once_without_remembering_every_seq() -> None:
     feed.seq += 100_000
     found = feed.telemetry()
     assert only(found, "sequence_gap") == [(True, "low")]
-    assert feed.engine.state_size("P-000001") < 2048
+    assert feed.engine.state_size("P-000001") < STATE_LIMIT_BYTES
 
 
 # telemetry_silence --------------------------------------------------------------------------------
@@ -232,7 +236,7 @@ def test_healthy_pump_state_is_small_and_does_not_grow() -> None:
     feed.hours(6)
     size = feed.engine.state_size("P-000001")
     feed.hours(72)
-    assert size < 2048
+    assert size < STATE_LIMIT_BYTES
     assert feed.engine.state_size("P-000001") <= size + 64
 
 
@@ -241,8 +245,8 @@ def test_set_profile_applies_to_that_pump_only() -> None:
     engine.set_profile(
         PumpProfile(pump_id="P-000001", overrides={"low_reservoir_alarm_ml": 3.0}, high_risk=False)
     )
-    one = Feed(engine, "P-000001", reservoir_ml=2.9)
-    two = Feed(engine, "P-000002", reservoir_ml=2.9)
+    one = Feed(engine, "P-000001", reservoir_ml=2.9, profile=None)
+    two = Feed(engine, "P-000002", reservoir_ml=2.9, profile=None)
     assert only(one.telemetry(), "low_reservoir") == [(True, "medium")]
     assert only(two.telemetry(), "low_reservoir") == []
     engine.set_profile(PumpProfile(pump_id="P-000002", low_reservoir_alarm_ml=3.5))
@@ -258,8 +262,31 @@ def test_findings_carry_the_deciding_message() -> None:
     assert found[0].pump_id == "P-000001"
 
 
+def test_the_pumps_own_reporting_interval_wins_over_a_wrong_registry_value() -> None:
+    feed = Feed(interval_s=3600.0, profile=PumpProfile(pump_id="P-000001", reporting_interval_s=600))
+    feed.hours(6)
+    feed.tick(0)
+    assert only(feed.tick(3 * 600 + 121), "telemetry_silence") == []  # an hourly pump
+    assert only(feed.tick(3 * 3600), "telemetry_silence") == [(True, "low")]
+
+
+def test_a_pump_without_a_profile_gets_a_notice_not_a_guess() -> None:
+    feed = Feed(v=1, profile=None, interval_s=3600.0)
+    found = feed.telemetry()
+    assert only(found, "clinic_data_missing") == [(True, "info")]
+    notice = next(f for f in found if f.rule == "clinic_data_missing")
+    assert notice.details["missing"] == ["high_risk", "reporting_interval"]
+    assert "high-risk status unknown" in notice.summary
+    v2 = Feed(pump_id="P-000002", profile=None, interval_s=3600.0)
+    v2.hours(12)
+    v2.tick(0)
+    assert only(v2.tick(3 * 600 + 121), "telemetry_silence") == []  # no false silence hourly
+    assert only(v2.findings, "clinic_data_missing") == [(True, "info")]
+    assert v2.findings[0].details["missing"] == ["high_risk"]
+
+
 def test_a_new_reporting_interval_moves_the_silence_deadline() -> None:
-    feed = Feed()
+    feed = Feed(v=1)
     feed.hours(1)
     feed.tick(0)
     feed.engine.set_profile(PumpProfile(pump_id="P-000001", reporting_interval_s=60))

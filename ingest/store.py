@@ -33,6 +33,11 @@ _TELEMETRY_COLUMNS = (
     "battery_eri",
     "pump_state",
     "alarms",
+    "v",
+    "reservoir_source",
+    "reporting_interval_s",
+    "scheduled_ul_per_h",
+    "eri_since",
 )
 _STAGE = "telemetry_stage"
 # A session-private staging table: binary COPY into it is the fastest way in, and it empties
@@ -176,6 +181,11 @@ async def write_batch(
                         m.battery_eri,
                         m.pump_state.value,
                         m.alarms,
+                        m.v,
+                        m.reservoir_source.value if m.reservoir_source is not None else None,
+                        m.reporting_interval_s,
+                        m.scheduled_ul_per_h,
+                        m.eri_since,
                     )
                     for m in telemetry
                 ],

@@ -62,7 +62,7 @@ def test_valid_telemetry_round_trips() -> None:
         ({"pump_state": "flying"}, "pump_state"),
         ({"alarms": ["low_reservoir", "low_reservoir"]}, "listed twice"),
         ({"alarms": ["gremlins"]}, "alarms.0"),
-        ({"v": 2}, "v"),
+        ({"v": 3}, "v"),
         ({"extra_field": 1}, "extra_field"),
         ({"time": (NOW + timedelta(hours=1)).isoformat()}, "time"),
         ({"time": "2026-01-01T00:00:00"}, "UTC offset"),
@@ -178,3 +178,82 @@ def test_committed_json_schemas_match_the_models() -> None:
             f"{path} drifted from the models: run `pumpfleet contract schema` and commit"
         )
     assert sorted(p.name for p in committed.glob("*.json")) == sorted(c.json_schemas())
+
+
+# Contract v2 ------------------------------------------------------------------------------------
+
+V2 = {
+    "v": 2,
+    "reservoir_source": "measured",
+    "reporting_interval_s": 600,
+    "scheduled_ul_per_h": 10.4,
+}
+
+
+def test_v1_telemetry_still_decodes_and_reads_as_a_calculated_volume() -> None:
+    msg = decode(telemetry())
+    assert isinstance(msg, c.Telemetry)
+    assert msg.v == 1 and msg.reservoir_source is None
+    assert msg.source is c.ReservoirSource.CALCULATED
+
+
+def test_v2_telemetry_says_how_its_volume_was_obtained() -> None:
+    msg = decode(telemetry(**V2))
+    assert isinstance(msg, c.Telemetry)
+    assert msg.source is c.ReservoirSource.MEASURED and msg.reporting_interval_s == 600
+    assert c.decode(c.topic("P-0001", "telemetry"), c.encode(msg)) == msg
+
+
+@pytest.mark.parametrize(
+    "missing", ["reservoir_source", "reporting_interval_s", "scheduled_ul_per_h"]
+)
+def test_v2_telemetry_requires_its_new_fields(missing: str) -> None:
+    body = telemetry(**V2)
+    del body[missing]
+    with pytest.raises(c.ContractError, match=f"{missing}: required in contract v2"):
+        decode(body)
+
+
+def test_v1_telemetry_may_not_carry_v2_fields() -> None:
+    with pytest.raises(c.ContractError, match="not part of contract v1"):
+        decode(telemetry(reservoir_source="measured"))
+
+
+def test_v2_eri_since_exactly_while_eri_is_active() -> None:
+    eri = (NOW - timedelta(days=70)).isoformat()
+    msg = decode(telemetry(**V2, battery_eri=True, eri_since=eri))
+    assert isinstance(msg, c.Telemetry) and msg.eri_since is not None
+    with pytest.raises(c.ContractError, match="eri_since"):
+        decode(telemetry(**V2, battery_eri=True))
+    with pytest.raises(c.ContractError, match="eri_since"):
+        decode(telemetry(**V2, battery_eri=False, eri_since=eri))
+
+
+def test_v2_refill_says_which_volumes_were_entered_and_which_measured() -> None:
+    body = {
+        "v": 2,
+        "pump_id": "P-0001",
+        "time": NOW.isoformat(),
+        "seq": 9,
+        "kind": "event",
+        "event": "refill",
+        "expected_ml": 4.0,
+        "withdrawn_ml": 3.8,
+        "injected_ml": 40.0,
+        "reservoir_after_ml": 40.0,
+        "concentration_mcg_per_ml": 2000.0,
+        "expected_source": "calculated",
+        "reservoir_after_source": "entered",
+    }
+    msg = decode(body, "event")
+    assert isinstance(msg, c.Refill) and msg.reservoir_after_source == "entered"
+    del body["reservoir_after_source"]
+    with pytest.raises(c.ContractError, match="reservoir_after_source: required"):
+        decode(body, "event")
+
+
+def test_the_published_schema_states_the_v2_requirements() -> None:
+    schema = c.json_schemas()["telemetry.v2.json"]
+    rules = json.dumps(schema["allOf"])
+    for name in ("reservoir_source", "reporting_interval_s", "scheduled_ul_per_h", "eri_since"):
+        assert name in rules

@@ -388,7 +388,8 @@ class Alerting:
 _WARM_SQL = """
 SELECT pump_id, seq, kind, doc::text AS doc FROM (
     SELECT t.pump_id, t.seq, 'telemetry' AS kind,
-           to_jsonb(t) - 'received_at' || '{"v": 1, "kind": "telemetry"}'::jsonb AS doc
+           jsonb_strip_nulls(to_jsonb(t) - 'received_at')
+               || jsonb_build_object('v', coalesce(t.v, 1), 'kind', 'telemetry') AS doc
     FROM telemetry t WHERE t.time >= $1
     UNION ALL
     SELECT pump_id, seq, 'event', body FROM events WHERE time >= $1

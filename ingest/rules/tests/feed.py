@@ -28,8 +28,8 @@ from pumpfleet.contract import (
     PumpAlarm,
     PumpState,
     Refill,
-    ReservoirSource,
     Reprogram,
+    ReservoirSource,
     Schedule,
     Status,
     Telemetry,
@@ -60,7 +60,7 @@ class Feed:
         family: Literal["measured", "calculated"] = "measured",
         v: int = 2,
         noise_ul: float = 0.0,
-        profile: PumpProfile | None | Literal["default"] = "default",
+        profile: PumpProfile | Literal["default"] | None = "default",
         seed: int = 1,
     ) -> None:
         self.engine = engine if engine is not None else RuleEngine()

@@ -10,9 +10,9 @@ from ingest.rules import PumpProfile, RuleEngine, Thresholds
 from ingest.rules.tests.feed import Feed, only
 from pumpfleet.contract import PumpAlarm, Refill
 
-STATE_LIMIT_BYTES = 12 * 1024
+STATE_LIMIT_BYTES = 16 * 1024
 """Per pump: the last reading, 6 h of hourly delivery counts, 24 h of 2-hourly trend sums, the
-refill book; measured at about 10 kB (README.md, 'Performance'). A million pumps: about 10 GB."""
+refill book; measured at about 13 kB (README.md, 'Performance'). A million pumps: about 13 GB."""
 
 # sequence_gap -----------------------------------------------------------------------------------
 
@@ -232,12 +232,12 @@ def test_a_standing_condition_is_reported_once_not_per_message() -> None:
 
 
 def test_healthy_pump_state_is_small_and_does_not_grow() -> None:
-    feed = Feed()
-    feed.hours(6)
+    feed = Feed(noise_ul=2.0)
+    feed.hours(30)  # every window full
     size = feed.engine.state_size("P-000001")
     feed.hours(72)
     assert size < STATE_LIMIT_BYTES
-    assert feed.engine.state_size("P-000001") <= size + 64
+    assert feed.engine.state_size("P-000001") <= size + 256
 
 
 def test_set_profile_applies_to_that_pump_only() -> None:
@@ -263,7 +263,9 @@ def test_findings_carry_the_deciding_message() -> None:
 
 
 def test_the_pumps_own_reporting_interval_wins_over_a_wrong_registry_value() -> None:
-    feed = Feed(interval_s=3600.0, profile=PumpProfile(pump_id="P-000001", reporting_interval_s=600))
+    feed = Feed(
+        interval_s=3600.0, profile=PumpProfile(pump_id="P-000001", reporting_interval_s=600)
+    )
     feed.hours(6)
     feed.tick(0)
     assert only(feed.tick(3 * 600 + 121), "telemetry_silence") == []  # an hourly pump
@@ -291,3 +293,40 @@ def test_a_new_reporting_interval_moves_the_silence_deadline() -> None:
     feed.tick(0)
     feed.engine.set_profile(PumpProfile(pump_id="P-000001", reporting_interval_s=60))
     assert only(feed.tick(3 * 60 + 121), "telemetry_silence") == [(True, "low")]
+
+
+# Defects found by trying it (issue: alerts that hold on what a real pump reports) -------------
+
+
+def test_a_second_silence_of_the_same_pump_is_reported_on_time() -> None:
+    feed = Feed()
+    feed.hours(1)
+    feed.tick(0)
+    assert only(feed.tick(1800 + 121), "telemetry_silence") == [(True, "low")]
+    assert only(feed.telemetry(), "telemetry_silence") == [(False, "low")]
+    feed.hours(2)
+    feed.tick(0)
+    # A 12 h outage starts: it is reported 32 min in, not 20 h later.
+    assert only(feed.tick(1800 + 121), "telemetry_silence") == [(True, "low")]
+
+
+def test_a_noncritical_memory_error_raises_a_low_alert() -> None:
+    feed = Feed()
+    feed.hours(1)
+    found = feed.raise_alarm(PumpAlarm.NONCRITICAL_MEMORY_ERROR)
+    assert only(found, "noncritical_pump_alarm") == [(True, "low")]
+    assert only(found, "critical_pump_alarm") == []
+    feed.clear_alarm(PumpAlarm.NONCRITICAL_MEMORY_ERROR)
+    feed.hours(1)
+    assert only(feed.findings, "noncritical_pump_alarm") == [(True, "low"), (False, "low")]
+
+
+def test_a_high_risk_pump_without_a_profile_is_told_not_guessed() -> None:
+    feed = Feed(profile=None, alarm_ml=2.0, reservoir_ml=3.0)
+    found = feed.telemetry()
+    notice = next(f for f in found if f.rule == "clinic_data_missing")
+    assert notice.details["alarm_ml"] == 2.0 and notice.details["alarm_ml_from"] == "pump"
+    feed.engine.set_profile(PumpProfile(pump_id="P-000001", high_risk=True))
+    found = feed.telemetry()
+    assert only(found, "clinic_data_missing") == [(False, "info")]
+    assert only(found, "low_reservoir") == [(True, "medium")]  # 4 mL for high risk

@@ -238,7 +238,12 @@ def test_a_measured_pump_too_noisy_for_its_flow_says_so() -> None:
 
 @pytest.mark.parametrize(
     ("factor", "rule"),
-    [(0.01, "under_infusion"), (0.5, "under_infusion"), (1.3, "over_infusion"), (2.0, "over_infusion")],
+    [
+        (0.01, "under_infusion"),
+        (0.5, "under_infusion"),
+        (1.3, "over_infusion"),
+        (2.0, "over_infusion"),
+    ],
 )
 @pytest.mark.parametrize("family", ["calculated", "measured"])
 def test_rotor_counts_against_the_programme_on_every_family(
@@ -334,7 +339,9 @@ def test_pocket_fill_just_under_and_just_over_the_limit(
     assert only(found, "pocket_fill") == ([(True, "high")] if fires else [])
 
 
-def test_pocket_fill_on_a_calculated_pump_is_invisible_at_the_refill_and_shows_at_the_next() -> None:
+def test_pocket_fill_on_a_calculated_pump_is_invisible_at_the_refill_and_shows_at_the_next() -> (
+    None
+):
     feed = Feed(family="calculated")
     feed.hours(1)
     # 8 mL went beside the pump; the clinician entered 40 and the pump takes it on trust.

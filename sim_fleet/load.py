@@ -254,6 +254,10 @@ def templates(config: LoadConfig, indexes: range) -> list[_Template]:
             "battery_eri": False,
             "pump_state": "infusing",
             "alarms": [],
+            # The load generator's reservoir falls exactly as programmed: a calculated volume.
+            "reservoir_source": "calculated",
+            "reporting_interval_s": int(spec.reporting_interval_s),
+            "scheduled_ul_per_h": rate,
         }
         entry = build_entry(pid, Observation("telemetry", _SENTINEL_TIME, fields))
         payload = entry.payload(_SENTINEL_SEQ)

@@ -93,8 +93,9 @@ class Battery(Rule):
             return "Battery EOS: the pump has stopped", details
         if days is None:
             return (
-                f"Battery ERI, active since before monitoring began: EOS is {th.eos_after_eri_days:g} "
-                "days after ERI, date unknown (contract v1 pumps do not report it)",
+                "Battery ERI, active since before monitoring began: EOS is "
+                f"{th.eos_after_eri_days:g} days after ERI, date unknown (contract v1 pumps do "
+                "not report it)",
                 details,
             )
         return f"Battery ERI: EOS in about {max(days, 0.0):.0f} days", details

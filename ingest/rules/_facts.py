@@ -182,9 +182,9 @@ def effective_alarm_ml(
         alarm_ml, source = reported_ml, "pump"
     else:
         alarm_ml = configured
-    if profile is not None and profile.high_risk:
-        if alarm_ml is None or alarm_ml < th.high_risk_low_reservoir_ml:
-            alarm_ml, source = th.high_risk_low_reservoir_ml, "high-risk"
+    high_risk = profile is not None and profile.high_risk
+    if high_risk and (alarm_ml is None or alarm_ml < th.high_risk_low_reservoir_ml):
+        alarm_ml, source = th.high_risk_low_reservoir_ml, "high-risk"
     return alarm_ml, source if alarm_ml is not None else "none"
 
 

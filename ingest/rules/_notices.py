@@ -103,6 +103,7 @@ class ClinicDataMissing(Rule):
             )
         if "reporting_interval" in missing:
             parts.append(
-                f"reporting interval unknown: silence judged on an assumed {p.interval_s / 60:g} min"
+                "reporting interval unknown: silence judged on an assumed "
+                f"{p.interval_s / 60:g} min"
             )
         return "Clinic data missing: " + "; ".join(parts), details

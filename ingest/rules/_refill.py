@@ -25,6 +25,7 @@ so), or clinically.
 
 from __future__ import annotations
 
+import itertools
 import math
 from typing import Any
 
@@ -131,7 +132,7 @@ def reconcile(book: RefillBook, m: Refill, capacity_ml: float | None, th: Any) -
     n = th.refill_drift_refills
     if len(book.biases) >= n and infused:
         last = book.biases[-n:]
-        steps = [b - a for a, b in zip(last, last[1:], strict=False)]
+        steps = [b - a for a, b in itertools.pairwise(last)]
         moved = last[-1] - last[0]
         noise = 4 * th.refill_entry_sd_ml * math.sqrt(2) / infused
         one_way = all(s > 0 for s in steps) or all(s < 0 for s in steps)
@@ -218,7 +219,8 @@ class RefillDiscrepancy(Rule):
         d = fig.get("discrepancy_ml", 0.0)
         text = (
             f"Refill discrepancy: expected {fig.get('expected_ml', 0):.2f} mL, withdrew "
-            f"{fig.get('withdrawn_ml', 0):.2f} mL ({d:+.2f} mL, limit {fig.get('limit_ml', 0):g} mL)"
+            f"{fig.get('withdrawn_ml', 0):.2f} mL ({d:+.2f} mL, limit "
+            f"{fig.get('limit_ml', 0):g} mL)"
         )
         if book.verdict == "drift":
             text = (
@@ -228,7 +230,10 @@ class RefillDiscrepancy(Rule):
         elif fig.get("departs_from_bias"):
             text += f"; departs from the pump's own bias ({fig.get('learned_bias_pct')} %)"
         if book.verdict == "discrepant" and d > 0:
-            text += "; less drug left than expected: over-infusion, a leak, or a pocket fill at the previous refill"
+            text += (
+                "; less drug left than expected: over-infusion, a leak, or a pocket fill at the "
+                "previous refill"
+            )
         elif book.verdict == "discrepant" and d < 0:
             text += "; more drug left than expected: under-infusion or occlusion"
         if book.discrepant >= 2:

@@ -305,7 +305,7 @@ def test_one_cause_one_page_the_stop_rides_on_the_critical_alarm(alarm: PumpAlar
     feed.hours(6)
     assert only(feed.findings, "under_infusion") == []
     critical = [f for f in feed.findings if f.rule == "critical_pump_alarm"]
-    assert [(f.active, f.priority) for f in critical][0] == (True, "high")
+    assert (critical[0].active, critical[0].priority) == (True, "high")
     assert critical[-1].details["inhibited"][0]["rule"] == "under_infusion"
 
 
@@ -339,9 +339,7 @@ def test_pocket_fill_just_under_and_just_over_the_limit(
     assert only(found, "pocket_fill") == ([(True, "high")] if fires else [])
 
 
-def test_pocket_fill_on_a_calculated_pump_is_invisible_at_the_refill_and_shows_at_the_next() -> (
-    None
-):
+def test_pocket_fill_on_a_calculated_pump_shows_only_at_the_next_refill() -> None:
     feed = Feed(family="calculated")
     feed.hours(1)
     # 8 mL went beside the pump; the clinician entered 40 and the pump takes it on trust.
@@ -580,7 +578,7 @@ def test_refill_due_warns_a_calculated_pump_with_a_plus_12_percent_bias_before_i
                 days.setdefault(f.priority, hour / 24)
         if dry_day is None and feed.true_ml <= 0:
             dry_day = hour / 24
-    assert dry_day == pytest.approx(71.0, abs=0.5)
+    assert dry_day is not None and dry_day == pytest.approx(71.0, abs=0.5)
     assert dry_day - days["medium"] >= 10
     assert dry_day - days["high"] >= 7
 

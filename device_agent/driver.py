@@ -16,7 +16,7 @@ from typing import Any, Literal, Protocol, runtime_checkable
 from pydantic import TypeAdapter
 
 from pumpfleet import contract
-from pumpfleet.contract import PumpAlarm, PumpState
+from pumpfleet.contract import PumpAlarm, PumpState, ReservoirSource
 
 ObservationKind = Literal["telemetry", "event", "status"]
 
@@ -111,8 +111,12 @@ class PumpDriver(Protocol):
 class ConstantPump:
     """A pump on a steady continuous schedule: the reservoir falls by dose / concentration.
 
-    Reports telemetry at `start` and every `reporting_interval_s` after it, and raises the
-    low-reservoir and empty-reservoir alarms (as events, then in telemetry) when it crosses them.
+    Reports telemetry (contract v2) at `start` and every `reporting_interval_s` after it, and
+    raises the low-reservoir and empty-reservoir alarms (as events, then in telemetry) when it
+    crosses them. Its volume is a calculated one, as on every pump on the market; telemetry
+    says `reporting_interval_s` in whole seconds (at least 1, as the contract requires).
+    Fields are contract enums and tuples, so an observation validates both through
+    `Observation.to_message` and as JSON (`device_agent.build_entry`).
     """
 
     def __init__(
@@ -174,16 +178,15 @@ class ConstantPump:
         ):
             if active and alarm not in self._alarms:
                 self._alarms.append(alarm)
-                events.append(
-                    Observation("event", when, {"event": "alarm_raised", "alarm": alarm.value})
-                )
+                events.append(Observation("event", when, {"event": "alarm_raised", "alarm": alarm}))
         empty = PumpAlarm.EMPTY_RESERVOIR in self._alarms
+        rate = round(self.rate_ul_per_h, 4)
         telemetry = Observation(
             "telemetry",
             when,
             {
-                "delivered_ul_per_h": 0.0 if empty else round(self.rate_ul_per_h, 4),
-                "programmed_rate_ul_per_h": round(self.rate_ul_per_h, 4),
+                "delivered_ul_per_h": 0.0 if empty else rate,
+                "programmed_rate_ul_per_h": rate,
                 "programmed_dose_mcg_per_day": self.dose_mcg_per_day,
                 "reservoir_ml": round(reservoir_ml, 4),
                 "reservoir_capacity_ml": self.reservoir_capacity_ml,
@@ -191,8 +194,11 @@ class ConstantPump:
                 "concentration_mcg_per_ml": self.concentration_mcg_per_ml,
                 "battery_pct": self.battery_pct,
                 "battery_eri": False,
-                "pump_state": (PumpState.STOPPED if empty else PumpState.INFUSING).value,
-                "alarms": [a.value for a in self._alarms],
+                "pump_state": PumpState.STOPPED if empty else PumpState.INFUSING,
+                "alarms": tuple(self._alarms),
+                "reservoir_source": ReservoirSource.CALCULATED,
+                "reporting_interval_s": max(1, round(self.reporting_interval_s)),
+                "scheduled_ul_per_h": rate,  # an empty pump still asks for its programme
             },
         )
         return [*events, telemetry]

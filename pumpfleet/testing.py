@@ -69,6 +69,10 @@ def telemetry_fields(reservoir_ml: float = 15.0, **over: Any) -> dict[str, Any]:
         "battery_eri": False,
         "pump_state": "infusing",
         "alarms": [],
+        # contract v2
+        "reservoir_source": "calculated",
+        "reporting_interval_s": 600,
+        "scheduled_ul_per_h": 10.4,
     }
     fields.update(over)
     return fields

@@ -2,14 +2,17 @@
 
 Distributions follow domain.md: adults about 350 mcg/day (90-800, a few above 1000), children
 60-277 (mean about 150), 20 or 40 mL, and the concentration a clinician would pick so refills
-fall 1-6 months apart (usually 3-4). Every pump starts at a random point of its refill cycle,
-with the estimate drift its own flow bias has built up since the last refill.
+fall 1-6 months apart (usually 3-4). Most pumps calculate their volume (rotor counts), a share
+measure it with a sensor. Flow biases spread over the labelled +-14.5 %. Every pump starts at a
+random point of its refill cycle, with the estimate drift its own flow bias has built up since
+the last refill; clinics book each refill from use (`refill_margin_days`), so a healthy pump
+never reaches refill-due or its low-reservoir alarm, and replace a pump 30-60 days after ERI,
+so none reaches EOS.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import heapq
 import math
 import random
 import zlib
@@ -21,16 +24,22 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pumpfleet.contract import Schedule
 from sim_fleet.model import (
     CONCENTRATIONS_MCG_PER_ML,
+    LABELLED_FLOW_ACCURACY,
     Observation,
     Pump,
+    PumpFamily,
     PumpSpec,
+    booked_refill_days,
     continuous_schedule,
     flex_schedule,
+    worst_case_flow_ml_per_day,
 )
 
 ROUTINE_REFILL_MARGIN_DAYS = 10.0
-"""Clinics book the refill at least this long before the low-reservoir alarm (design choice);
-with the 10 % safety factor below it keeps a healthy fleet clear of the 7-day refill-due rule."""
+"""Clinics book the refill at least this long before the low-reservoir alarm (design choice).
+The booking assumes the worst-case flow, (programmed + mean patient boluses) x 1.145, so even
+a pump at the edge of the labelled accuracy is refilled more than 7 days before a refill-due
+rule with a 14.5 % margin would call it (`refill_margin_days`)."""
 
 
 class FleetMix(BaseModel):
@@ -52,13 +61,35 @@ class FleetMix(BaseModel):
     )
     patient_bolus_presses_per_day: float = Field(default=1.0, ge=0, le=48)
     flow_bias_mean: float = Field(default=0.01, ge=-0.145, le=0.145)
-    flow_bias_sd: float = Field(default=0.015, ge=0, le=0.145)
+    flow_bias_sd: float = Field(default=0.05, ge=0, le=0.145)
     flow_bias_max: float = Field(
-        default=0.04,
+        default=0.14,
         ge=0,
         le=0.145,
-        description="Biases are clipped to +-this; above about 5 % routine refills would "
-        "trip the refill-discrepancy rule.",
+        description="Biases are clipped to +-this: within the labelled +-14.5 %. At a routine "
+        "refill a pump's expected - withdrawn is its bias x the volume infused since the last "
+        "refill (up to about 5 mL on a 40 mL pump), within specification.",
+    )
+    measured_share: float = Field(
+        default=0.3, ge=0, le=1, description="Pumps (or bridges) with a reservoir sensor."
+    )
+    valve_share: float = Field(
+        default=0.0,
+        ge=0,
+        le=1,
+        description="Prometra-like valve pumps (calculated volume, delivery in 2 uL strokes, so "
+        "a 10-minute interval at a low rate can count no stroke at all); taken from the "
+        "calculated rest.",
+    )
+    sensor_noise_ul: tuple[float, float] = Field(
+        default=(1.0, 5.0), description="Range of the measured pumps' sensor noise SD (uL)."
+    )
+    refill_entry_sd_ml: float = Field(
+        default=0.3, ge=0, le=5, description="SD of the clinician's withdrawn-volume reading."
+    )
+    refill_margin_days: float = Field(default=ROUTINE_REFILL_MARGIN_DAYS, ge=0, le=60)
+    battery_replacement_after_eri_days: tuple[float, float] = Field(
+        default=(30.0, 60.0), description="Range of the delay from ERI to the pump's replacement."
     )
     target_refill_days: tuple[float, float] = Field(
         default=(90.0, 120.0), description="Refill interval clinics aim for (3-4 months)."
@@ -71,6 +102,16 @@ class FleetMix(BaseModel):
         low, high = self.target_refill_days
         if not 30 <= low <= high <= 180:
             raise ValueError("target_refill_days: must be [low, high] within 30-180 days")
+        low, high = self.sensor_noise_ul
+        if not 0 <= low <= high <= 1000:
+            raise ValueError("sensor_noise_ul: must be [low, high] within 0-1000 uL")
+        low, high = self.battery_replacement_after_eri_days
+        if not 0 <= low <= high < 90:
+            raise ValueError(
+                "battery_replacement_after_eri_days: must be [low, high] within 0-90 days"
+            )
+        if self.measured_share + self.valve_share > 1:
+            raise ValueError("measured_share + valve_share: must be at most 1")
         return self
 
 
@@ -110,56 +151,97 @@ def _make_pump(index: int, rng: random.Random, mix: FleetMix) -> PumpSpec:
     share_40 = mix.reservoir_40ml_share * (0.5 if child else 1.0)
     capacity = 40.0 if dose > 1000 or rng.random() < share_40 else 20.0
     target_days = rng.uniform(*mix.target_refill_days)
-    concentration, interval = _pick_concentration(capacity, alarm_ml, dose, target_days)
-    if interval < 30 and capacity < 40:
-        capacity = 40.0
-        concentration, interval = _pick_concentration(capacity, alarm_ml, dose, target_days)
-    interval = max(7.0, interval)
-    schedule = _flex(dose, rng) if rng.random() < mix.flex_share else continuous_schedule(dose)
-    bias = rng.gauss(mix.flow_bias_mean, mix.flow_bias_sd)
-    bias = max(-mix.flow_bias_max, min(mix.flow_bias_max, bias))
-    flow = schedule.dose_mcg_per_day / concentration
-    days_since = rng.uniform(0.0, interval)
-    reservoir = max(0.0, capacity - days_since * flow * (1 + bias))
-    battery_life = rng.uniform(5 * 365.0, 7 * 365.0)
-    eri_pct = 100.0 * 90.0 / battery_life
-    battery = rng.uniform(eri_pct + 3.0, 100.0)
     bolus = rng.random() < mix.patient_bolus_share
     bolus_dose = float(max(5, round(dose * rng.uniform(0.05, 0.15)))) if bolus else 0.0
+    presses = mix.patient_bolus_presses_per_day if bolus else 0.0
+    # what the clinic books against: programme + the mean boluses (cf. worst_case_flow_ml_per_day)
+    daily_mcg = dose + bolus_dose * min(presses, _BOLUS_MAX_PER_DAY, 24 * 60 / _BOLUS_LOCKOUT_MIN)
+
+    def choose(capacity: float) -> tuple[float, float]:
+        return _pick_concentration(
+            capacity, alarm_ml, dose, target_days, daily_mcg, mix.refill_margin_days
+        )
+
+    concentration, interval = choose(capacity)
+    if interval < 30 and capacity < 40:
+        capacity = 40.0
+        concentration, interval = choose(capacity)
+    schedule = _flex(dose, rng) if rng.random() < mix.flex_share else continuous_schedule(dose)
+    bias = rng.gauss(mix.flow_bias_mean, mix.flow_bias_sd)
+    bias = round(max(-mix.flow_bias_max, min(mix.flow_bias_max, bias)), 4)
+    flow = schedule.dose_mcg_per_day / concentration
+    battery_life = rng.uniform(5 * 365.0, 7 * 365.0)
+    eri_pct = 100.0 * 90.0 / battery_life
+    battery = rng.uniform(eri_pct + 3.0, 100.0)  # any age: some reach ERI within a year
     clinic = f"C-{rng.randrange(mix.clinics) + 1:02d}"
     offset = rng.randrange(mix.reporting_interval_s)
-    return PumpSpec(
+    pick = rng.random()
+    family: PumpFamily = "calculated"
+    if pick < mix.measured_share:
+        family = "measured"
+    elif pick < mix.measured_share + mix.valve_share:
+        family = "valve"
+    noise = rng.uniform(*mix.sensor_noise_ul) if family == "measured" else 0.0
+    replacement = rng.uniform(*mix.battery_replacement_after_eri_days)
+    spec = PumpSpec(
         pump_id=pump_id(index),
         reservoir_capacity_ml=capacity,
         concentration_mcg_per_ml=concentration,
         schedule=schedule,
-        flow_bias=round(bias, 4),
+        flow_bias=bias,
+        family=family,
+        sensor_noise_ul=round(noise, 2),
         low_reservoir_alarm_ml=alarm_ml,
         high_risk=high_risk,
         clinic=clinic,
         reporting_interval_s=mix.reporting_interval_s,
         report_offset_s=offset,
-        refill_interval_days=interval,
-        days_since_refill=days_since,
-        initial_reservoir_ml=reservoir,
-        initial_estimate_error_ml=days_since * flow * bias,
         initial_battery_pct=battery,
         battery_life_days=battery_life,
+        battery_replacement_after_eri_days=round(replacement, 2),
+        refill_entry_sd_ml=mix.refill_entry_sd_ml,
         patient_bolus_dose_mcg=bolus_dose,
-        patient_bolus_max_per_day=4 if bolus else 0,
-        patient_bolus_lockout_min=180.0,
-        patient_bolus_presses_per_day=mix.patient_bolus_presses_per_day if bolus else 0.0,
+        patient_bolus_max_per_day=_BOLUS_MAX_PER_DAY if bolus else 0,
+        patient_bolus_lockout_min=_BOLUS_LOCKOUT_MIN,
+        patient_bolus_presses_per_day=presses,
         seed=rng.getrandbits(63),
+    )
+    # The visit the clinic booked at the last refill (to capacity): from use, at most the aim.
+    worst = worst_case_flow_ml_per_day(spec)
+    booked = booked_refill_days(capacity, alarm_ml, worst, mix.refill_margin_days)
+    interval = max(7.0, float(math.floor(min(interval, booked))))
+    days_since = rng.uniform(0.0, interval)
+    return dataclasses.replace(
+        spec,
+        refill_interval_days=interval,
+        refill_margin_days=mix.refill_margin_days,
+        days_since_refill=days_since,
+        initial_reservoir_ml=max(0.0, capacity - days_since * flow * (1 + bias)),
+        initial_estimate_error_ml=days_since * flow * bias,
     )
 
 
+_BOLUS_LOCKOUT_MIN = 180.0
+_BOLUS_MAX_PER_DAY = 4
+
+
 def _pick_concentration(
-    capacity_ml: float, alarm_ml: float, dose: float, target_days: float
+    capacity_ml: float,
+    alarm_ml: float,
+    dose: float,
+    target_days: float,
+    daily_mcg: float,
+    margin_days: float,
 ) -> tuple[float, float]:
-    """The concentration whose routine refill interval (>= 30 days) is nearest the target."""
-    options = [
-        (c, routine_refill_days(capacity_ml, alarm_ml, dose / c)) for c in CONCENTRATIONS_MCG_PER_ML
-    ]
+    """The concentration whose refill interval (>= 30 days) is nearest the target: the routine
+    interval, or sooner if the booking from use (with boluses, at the worst-case flow) says so."""
+
+    def interval(c: float) -> float:
+        worst = daily_mcg / c * (1 + LABELLED_FLOW_ACCURACY)
+        booked = booked_refill_days(capacity_ml, alarm_ml, worst, margin_days)
+        return min(routine_refill_days(capacity_ml, alarm_ml, dose / c), math.floor(booked))
+
+    options = [(c, interval(c)) for c in CONCENTRATIONS_MCG_PER_ML]
     usable = [o for o in options if o[1] >= 30]
     if not usable:
         return max(options, key=lambda o: o[1])
@@ -180,8 +262,15 @@ def _flex(dose: float, rng: random.Random) -> Schedule:
 
 def advance_fleet(pumps: Iterable[Pump], until: datetime) -> list[tuple[str, Observation]]:
     """Advance every pump to `until`; (pump_id, observation) pairs in simulated-time order."""
-    streams = [[(o.sim_time, p.spec.pump_id, o) for o in p.advance(until)] for p in pumps]
-    return [(pid, obs) for _, pid, obs in heapq.merge(*streams, key=lambda x: x[0])]
+    merged = [(p.spec.pump_id, o) for p in pumps for o in p.advance(until)]
+    # A stable sort of the concatenated streams orders ties by pump, then by stream: what a
+    # k-way merge gives, at a third of heapq.merge's cost (Timsort merges the sorted runs).
+    merged.sort(key=_sim_time)
+    return merged
+
+
+def _sim_time(item: tuple[str, Observation]) -> datetime:
+    return item[1].sim_time
 
 
 def agent_driver(pump_id: str, *, start: datetime, reporting_interval_s: float = 600.0) -> Pump:

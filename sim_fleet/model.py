@@ -6,9 +6,21 @@ so volumes and battery are exact linear functions of time and no time step is ne
 never integrates up to an arbitrary `until`, only to change points, so how a caller slices time
 into `advance()` calls cannot change a single number it emits.
 
-Observability (see README.md): telemetry `reservoir_ml` is the TRUE volume in the reservoir (a
-pump with a reservoir sensor, or a bridge reporting the refill-verified volume), while
-`delivered_ul_per_h` and the refill event's `expected_ml` are what the rotor counts say.
+Observability (domain.md, "What a pump can actually report"; README.md): the pump sends what a
+real pump of its family could know, never the truth.
+
+- `calculated` family (SynchroMed-like, rotor counts) and `valve` family (Prometra-like, valve
+  strokes): telemetry `reservoir_ml` is the pump's ESTIMATE, the volume entered at the last
+  refill minus what the rotor (valve) counts say it delivered. It falls exactly as programmed
+  whatever the catheter or the pump's flow bias does; the pump's own low-reservoir and empty
+  alarms follow it too. A pocket fill is invisible at the refill (the pump takes the injected
+  volume on trust) and the true reservoir runs dry early while the estimate keeps falling.
+- `measured` family (a pump or bridge with an independent reservoir sensor): `reservoir_ml` is
+  the true volume plus sensor noise and drift (re-zeroed at each refill).
+
+On every family `delivered_ul_per_h` is the rotor (valve) count and `scheduled_ul_per_h` what the
+programme asked for over the same interval; the true flow is rotor flow x (1 + flow bias).
+Ground truth stays readable on `Pump` (`reservoir_ml`, `delivered_to_patient_ml`) for tests.
 """
 
 from __future__ import annotations
@@ -19,10 +31,17 @@ import random
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from device_agent.driver import Observation, ObservationKind, PumpDriver
-from pumpfleet.contract import DosingMode, FlexStep, PumpAlarm, PumpState, Schedule
+from pumpfleet.contract import (
+    DosingMode,
+    FlexStep,
+    PumpAlarm,
+    PumpState,
+    ReservoirSource,
+    Schedule,
+)
 
 RESERVOIR_SIZES_ML = (20.0, 40.0)
 CONCENTRATIONS_MCG_PER_ML = (500.0, 1000.0, 2000.0)
@@ -35,6 +54,13 @@ MINIMUM_RATE_UL_PER_H = 0.25
 """About 0.006 mL/day: the very low rate a battery fault resets the pump to."""
 MAX_ROTOR_RATE_UL_PER_H = 1000.0
 """Fastest the rotor turns (about 1 mL/h, design choice); long boluses are stretched to fit."""
+VALVE_STROKE_UL = 2.0
+"""Volume of one valve actuation of a `valve`-family pump: its delivery is counted in these."""
+PUMP_FAMILIES = ("calculated", "measured", "valve")
+"""calculated: rotor counts (SynchroMed-like); measured: an independent reservoir sensor;
+valve: valve-stroke counts (Prometra-like), a calculated volume too."""
+
+PumpFamily = Literal["calculated", "measured", "valve"]
 
 _DAY_S = 86_400.0
 _EPS_ML = 1e-9
@@ -97,6 +123,13 @@ class PumpSpec:
     schedule: Schedule
     flow_bias: float = 0.0
     """This pump's own flow error: true flow = rotor flow x (1 + flow_bias)."""
+    family: PumpFamily = "calculated"
+    """How the pump knows its reservoir volume: `calculated` (refill entry minus rotor counts),
+    `measured` (an independent sensor), `valve` (refill entry minus valve strokes)."""
+    sensor_noise_ul: float = 2.0
+    """Measured family: SD of the sensor's noise per reading (uL)."""
+    sensor_drift_ul_per_day: float = 0.0
+    """Measured family: the sensor's drift since it was re-zeroed at the last refill."""
     low_reservoir_alarm_ml: float = 2.0
     high_risk: bool = False
     clinic: str = "C-01"
@@ -105,6 +138,11 @@ class PumpSpec:
     """Phase of telemetry inside the interval, so a fleet does not report in lockstep."""
     refill_interval_days: float | None = None
     """Routine refill visits this often (1-6 months); None: refills only from the timeline."""
+    refill_margin_days: float | None = None
+    """After each refill book the next visit so that, by the pump's own reading then, at least
+    this many days to the alarm volume are left at the visit under a worst-case flow of
+    (programmed + mean patient-bolus volume) x 1.145; never later than `refill_interval_days`.
+    None: every `refill_interval_days`."""
     days_since_refill: float = 0.0
     initial_reservoir_ml: float | None = None
     """True volume at the start; None: full."""
@@ -115,6 +153,11 @@ class PumpSpec:
     """Life from full to EOS at the reference flow; ERI comes 90 days before EOS."""
     battery_flow_share: float = 0.4
     """Share of battery drain that scales with rotor flow (the rest is electronics)."""
+    battery_replacement_after_eri_days: float | None = 45.0
+    """The pump is replaced (battery 100 %, ERI cleared) this long after its battery reaches
+    ERI; None: never (it runs on to EOS). An injected `BatteryEri` is never followed by one."""
+    refill_entry_sd_ml: float = 0.3
+    """SD of the clinician's reading of the withdrawn volume at a refill (mL)."""
     patient_bolus_dose_mcg: float = 0.0
     """0 disables patient boluses."""
     patient_bolus_duration_min: float = 15.0
@@ -147,6 +190,25 @@ class PumpSpec:
                 f"its steps' daily total {integral:.2f}",
             )
         _check(-1.0 < self.flow_bias <= 1.0, "flow_bias: must be in (-1, 1]")
+        _check(
+            self.family in PUMP_FAMILIES,
+            f"family: {self.family!r} is not one of {', '.join(PUMP_FAMILIES)}",
+        )
+        _check(0 <= self.sensor_noise_ul <= 1000, "sensor_noise_ul: must be in [0, 1000] (SD, uL)")
+        _check(
+            -1000 <= self.sensor_drift_ul_per_day <= 1000,
+            "sensor_drift_ul_per_day: must be in [-1000, 1000]",
+        )
+        _check(0 <= self.refill_entry_sd_ml <= 5, "refill_entry_sd_ml: must be in [0, 5] (SD, mL)")
+        _check(
+            self.refill_margin_days is None or 0 <= self.refill_margin_days <= 180,
+            "refill_margin_days: must be in [0, 180] or null",
+        )
+        _check(
+            self.battery_replacement_after_eri_days is None
+            or 0 <= self.battery_replacement_after_eri_days < EOS_AFTER_ERI_DAYS,
+            "battery_replacement_after_eri_days: must be in [0, 90) (before EOS) or null",
+        )
         _check(
             0 < self.low_reservoir_alarm_ml < self.reservoir_capacity_ml,
             "low_reservoir_alarm_ml: must be above 0 and below reservoir_capacity_ml",
@@ -220,12 +282,18 @@ class MriScan:
     scan_min: float = 45.0
     recover_after_h: float | None = 4.0
     """Hours after the scan ends that the rotor recovers (2-24 h); None: missing recovery."""
+    recovery_logged_after_h: float = 0.0
+    """The rotor turns again at recovery, but `motor_stall_recovery` is logged this much later."""
 
     def __post_init__(self) -> None:
         _check(self.scan_min > 0, "scan_min: must be > 0")
         _check(
             self.recover_after_h is None or self.recover_after_h >= 0,
             "recover_after_h: must be >= 0 or null (missing recovery)",
+        )
+        _check(
+            0 <= self.recovery_logged_after_h <= 24 * 365,
+            "recovery_logged_after_h: must be >= 0 (hours)",
         )
 
 
@@ -271,18 +339,88 @@ class CatheterOcclusion:
 
 
 @dataclass(frozen=True, slots=True)
+class RotorMismatch:
+    """From `at` the rotor turns at `factor` x the programmed rate, and counts what it turns.
+
+    `delivered_ul_per_h` (rotor counts) = factor x `scheduled_ul_per_h`; a calculated reservoir
+    falls by the counts; true flow = rotor flow x (1 + bias). 1 puts it right again.
+    """
+
+    at: datetime
+    factor: float = 0.5
+
+    def __post_init__(self) -> None:
+        _check(0 < self.factor <= 3, "factor: must be in (0, 3]")
+
+
+@dataclass(frozen=True, slots=True)
+class PartialOcclusion:
+    """A partial kink: the rotor counts as programmed but only `flow_fraction` of its flow leaves
+    the reservoir and reaches the patient (1 clears it). No pump alarm."""
+
+    at: datetime
+    flow_fraction: float = 0.5
+
+    def __post_init__(self) -> None:
+        _check(0 <= self.flow_fraction <= 1, "flow_fraction: must be in [0, 1]")
+
+
+@dataclass(frozen=True, slots=True)
+class ClinicianSuspend:
+    """A clinician stops therapy in a session (`suspend` event): state suspended, no delivery,
+    nothing scheduled, no boluses; `resume` after `duration_h` (None: stays suspended)."""
+
+    at: datetime
+    duration_h: float | None = 24.0
+
+    def __post_init__(self) -> None:
+        _check(
+            self.duration_h is None or self.duration_h > 0,
+            "duration_h: must be > 0 or null (stays suspended)",
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class SensorDrift:
+    """A measured-family pump's reservoir sensor drifts at this rate from `at` (re-zeroed at
+    each refill, the drift rate stays). No effect on a calculated pump."""
+
+    at: datetime
+    drift_ul_per_day: float
+
+    def __post_init__(self) -> None:
+        _check(
+            -1000 <= self.drift_ul_per_day <= 1000,
+            "drift_ul_per_day: must be in [-1000, 1000]",
+        )
+
+
+def _check_withdrawn_error(value: float | None) -> None:
+    _check(
+        value is None or -40 <= value <= 40,
+        "withdrawn_error_ml: must be in [-40, 40] or null (drawn from refill_entry_sd_ml)",
+    )
+
+
+@dataclass(frozen=True, slots=True)
 class RefillVisit:
-    """A clinic refill: withdraw what is left, inject new drug (default: fill to capacity)."""
+    """A clinic refill: withdraw what is left, inject new drug (default: fill to capacity).
+
+    `withdrawn_error_ml` forces the clinician's reading error of the withdrawn volume (default:
+    drawn from the pump's `refill_entry_sd_ml`).
+    """
 
     at: datetime
     injected_ml: float | None = None
     concentration_mcg_per_ml: float | None = None
+    withdrawn_error_ml: float | None = None
 
     def __post_init__(self) -> None:
         _check(
             self.injected_ml is None or 0 < self.injected_ml <= 40,
             "injected_ml: must be in (0, 40]",
         )
+        _check_withdrawn_error(self.withdrawn_error_ml)
         _check(
             self.concentration_mcg_per_ml is None
             or self.concentration_mcg_per_ml in CONCENTRATIONS_MCG_PER_ML,
@@ -297,6 +435,7 @@ class PocketFill:
     at: datetime
     pocket_ml: float = 8.0
     injected_ml: float | None = None
+    withdrawn_error_ml: float | None = None
 
     def __post_init__(self) -> None:
         _check(self.pocket_ml > 0, "pocket_ml: must be > 0")
@@ -304,6 +443,7 @@ class PocketFill:
             self.injected_ml is None or self.pocket_ml <= self.injected_ml <= 40,
             "injected_ml: must be in [pocket_ml, 40]",
         )
+        _check_withdrawn_error(self.withdrawn_error_ml)
 
 
 @dataclass(frozen=True, slots=True)
@@ -319,7 +459,10 @@ class BatteryFault:
 
 @dataclass(frozen=True, slots=True)
 class BatteryEri:
-    """The battery reaches ERI now (or was there already): EOS follows in `days_to_eos`."""
+    """The battery reaches ERI now (or was there already): EOS follows in `days_to_eos`.
+
+    Injected ERI is never followed by the clinic's pump replacement (the spec's
+    `battery_replacement_after_eri_days` applies to ERI reached by the battery's own drain)."""
 
     at: datetime
     days_to_eos: float = EOS_AFTER_ERI_DAYS
@@ -446,6 +589,10 @@ Fault = (
     | OverInfusion
     | UnderInfusion
     | CatheterOcclusion
+    | RotorMismatch
+    | PartialOcclusion
+    | ClinicianSuspend
+    | SensorDrift
     | RefillVisit
     | PocketFill
     | BatteryFault
@@ -485,6 +632,40 @@ _Later = Callable[[list[Observation]], None]
 _Window = tuple[float, str, float, float]  # (end_s, kind, share, delay_s)
 
 
+def mean_patient_boluses_per_day(spec: PumpSpec) -> float:
+    """Patient boluses a day the pump gives on average at most: presses, capped by the daily
+    maximum and the lockout."""
+    if spec.patient_bolus_dose_mcg <= 0:
+        return 0.0
+    lockout_cap = (
+        24 * 60 / spec.patient_bolus_lockout_min if spec.patient_bolus_lockout_min else 1e9
+    )
+    return min(spec.patient_bolus_presses_per_day, spec.patient_bolus_max_per_day, lockout_cap)
+
+
+def worst_case_flow_ml_per_day(
+    spec: PumpSpec,
+    dose_mcg_per_day_: float | None = None,
+    concentration_mcg_per_ml: float | None = None,
+) -> float:
+    """(programmed daily volume + mean patient-bolus volume per day) x (1 + 14.5 %): the flow a
+    clinic books the next refill against (default: the spec's dose and concentration)."""
+    dose = spec.schedule.dose_mcg_per_day if dose_mcg_per_day_ is None else dose_mcg_per_day_
+    conc = concentration_mcg_per_ml or spec.concentration_mcg_per_ml
+    bolus_mcg = spec.patient_bolus_dose_mcg * mean_patient_boluses_per_day(spec)
+    return (dose + bolus_mcg) / conc * (1 + LABELLED_FLOW_ACCURACY)
+
+
+def booked_refill_days(
+    volume_ml: float, alarm_ml: float, worst_flow_ml_per_day: float, margin_days: float
+) -> float:
+    """Days until a refill visit that leaves `margin_days` to the alarm volume at the visit under
+    the worst-case flow (at least 1 day; infinite with no flow)."""
+    if worst_flow_ml_per_day <= 0:
+        return math.inf
+    return max(1.0, (volume_ml - alarm_ml) / worst_flow_ml_per_day - margin_days)
+
+
 class Pump:
     """A pump's live state. Advance it with `advance(until)`; read what it sent from the result.
 
@@ -499,12 +680,19 @@ class Pump:
         "_clock_s",
         "_conc",
         "_drain_pct_per_s",
+        "_drift_base_ul",
+        "_drift_since_s",
+        "_drift_ul_per_day",
+        "_dry",
         "_eos",
         "_eri_at_s",
+        "_eri_since",
+        "_eri_token",
         "_estimate_ml",
         "_heap",
         "_heap_n",
         "_last_report_s",
+        "_measured",
         "_mem_critical",
         "_next_change_s",
         "_next_press_s",
@@ -514,23 +702,34 @@ class Pump:
         "_occluded",
         "_out_ml_per_s",
         "_outflow",
+        "_partial",
         "_patient_given_s",
         "_patient_ml",
+        "_patient_ml_per_s",
         "_programmed_ul_per_h",
         "_report_base_s",
         "_report_k",
         "_reservoir_ml",
         "_rng",
+        "_rotor_factor",
         "_rotor_ul",
         "_rotor_ul_per_h",
         "_scanning",
+        "_sched_ul",
+        "_sched_ul_per_h",
         "_schedule",
         "_silent_until_s",
         "_skew_s",
+        "_source",
         "_stall_alarm",
         "_stalled_since",
         "_started",
+        "_state_now",
         "_steps",
+        "_suspend_token",
+        "_suspended",
+        "_valve",
+        "_valve_carry_ul",
         "_windows",
         "patient_boluses_refused",
         "spec",
@@ -544,28 +743,41 @@ class Pump:
         self._clock_s = start_s
         self._started = False
         self._rng: random.Random | None = None
+        self._measured = spec.family == "measured"
+        self._valve = spec.family == "valve"
+        self._source = ReservoirSource.MEASURED if self._measured else ReservoirSource.CALCULATED
+        self._state_now = PumpState.INFUSING
         self._conc = spec.concentration_mcg_per_ml
         self._schedule = spec.schedule
         self._steps = self._step_table()
         self._bias = spec.flow_bias
         self._outflow = 1.0
         self._occluded = False
+        self._partial = 1.0
+        self._rotor_factor = 1.0
         cap = spec.reservoir_capacity_ml
         res = cap if spec.initial_reservoir_ml is None else spec.initial_reservoir_ml
         self._reservoir_ml = res
+        self._dry = False
         self._estimate_ml = res + spec.initial_estimate_error_ml
         self._patient_ml = 0.0
         self._rotor_ul = 0.0
+        self._sched_ul = 0.0
+        self._valve_carry_ul = 0.0
+        self._drift_ul_per_day = spec.sensor_drift_ul_per_day
+        self._drift_base_ul = spec.sensor_drift_ul_per_day * spec.days_since_refill
+        self._drift_since_s = start_s
         self._battery_pct = spec.initial_battery_pct
         self._eri_at_s: float | None = None
-        if spec.initial_battery_pct <= spec.eri_battery_pct:
-            used = 1.0 - spec.initial_battery_pct / spec.eri_battery_pct
-            self._eri_at_s = start_s - used * EOS_AFTER_ERI_DAYS * _DAY_S
+        self._eri_since: datetime | None = None
+        self._eri_token = 0
         self._eos = False
         self._alarms: list[PumpAlarm] = []
         self._stalled_since: datetime | None = None
         self._stall_alarm = False
         self._scanning = False
+        self._suspended = False
+        self._suspend_token = 0
         self._mem_critical = False
         self._boluses: list[tuple[float, float]] = []
         self._patient_given_s: list[float] = []
@@ -576,6 +788,9 @@ class Pump:
         self._heap_n = 0
         for fault in faults:
             self.inject(fault)
+        if spec.initial_battery_pct <= spec.eri_battery_pct:
+            used = 1.0 - spec.initial_battery_pct / spec.eri_battery_pct
+            self._set_eri(start_s - used * EOS_AFTER_ERI_DAYS * _DAY_S, replace=True)
         self._report_base_s = start_s + spec.report_offset_s
         self._report_k = 0
         self._next_report_s = self._report_base_s
@@ -588,8 +803,10 @@ class Pump:
         if spec.patient_bolus_presses_per_day > 0:
             self._next_press_s = start_s + self._press_gap_s()
         self._rotor_ul_per_h = 0.0
+        self._sched_ul_per_h = 0.0
         self._programmed_ul_per_h = 0.0
         self._out_ml_per_s = 0.0
+        self._patient_ml_per_s = 0.0
         self._drain_pct_per_s = 0.0
         self._next_change_s = start_s
 
@@ -642,22 +859,20 @@ class Pump:
 
     @property
     def reservoir_ml(self) -> float:
-        """True drug volume in the reservoir now."""
+        """Ground truth: drug volume in the reservoir now."""
         dt = self._clock_s - self._now_s
         return max(0.0, self._reservoir_ml - self._out_ml_per_s * dt)
 
     @property
     def estimated_reservoir_ml(self) -> float:
-        """What the rotor counts say is left (drifts from the truth by the flow bias)."""
+        """Volume entered at the last refill minus rotor counts: what a calculated pump reports
+        (drifts from the truth by the flow bias, a pocket fill, an occlusion or a leak)."""
         return self._estimate_ml - self._rotor_ul_per_h / 3.6e6 * (self._clock_s - self._now_s)
 
     @property
     def delivered_to_patient_ml(self) -> float:
         """Ground truth: drug that reached the spinal fluid since the start."""
-        if self._occluded:
-            return self._patient_ml
-        dt = self._clock_s - self._now_s
-        return self._patient_ml + self._rotor_ul_per_h / 3.6e6 * (1 + self._bias) * dt
+        return self._patient_ml + self._patient_ml_per_s * (self._clock_s - self._now_s)
 
     @property
     def battery_pct(self) -> float:
@@ -697,9 +912,12 @@ class Pump:
             rotor_ml = self._rotor_ul_per_h * dt / 3.6e6
             self._rotor_ul += rotor_ml * 1000.0
             self._estimate_ml -= rotor_ml
+        if self._out_ml_per_s > 0:
             self._reservoir_ml = max(0.0, self._reservoir_ml - self._out_ml_per_s * dt)
-            if not self._occluded:
-                self._patient_ml += rotor_ml * (1 + self._bias)
+        if self._patient_ml_per_s > 0:
+            self._patient_ml += self._patient_ml_per_s * dt
+        if self._sched_ul_per_h > 0:
+            self._sched_ul += self._sched_ul_per_h * dt / 3600.0
         if self._eri_at_s is None:
             self._battery_pct = max(0.0, self._battery_pct - self._drain_pct_per_s * dt)
         self._now_s = t
@@ -714,9 +932,8 @@ class Pump:
             else:
                 self._apply(item, out)
         if self._next_refill_s <= now + _EPS_S:
-            self._refill(out, None, None, 0.0)
-            interval = self.spec.refill_interval_days or math.inf
-            self._next_refill_s = now + interval * _DAY_S
+            self._next_refill_s = math.inf
+            self._refill(out, None, None, 0.0, None)  # books the next visit
         if self._next_press_s <= now + _EPS_S:
             self._patient_press(out)
             self._next_press_s = now + self._press_gap_s()
@@ -729,12 +946,16 @@ class Pump:
         sod, step_i = self._step_now()
         programmed = self._steps[step_i][1]
         self._programmed_ul_per_h = round(programmed, 3)
-        turning = self._state() is PumpState.INFUSING
-        rotor = 0.0
-        if turning:
-            rotor = programmed + sum(b[1] for b in self._boluses)
+        asked = programmed
+        for _, bolus_rate in self._boluses:
+            asked += bolus_rate
+        self._sched_ul_per_h = 0.0 if self._suspended or self._scanning else asked
+        self._state_now = state = self._state()
+        rotor = asked * self._rotor_factor if state is PumpState.INFUSING else 0.0
         self._rotor_ul_per_h = rotor
-        self._out_ml_per_s = rotor / 3.6e6 * (1 + self._bias) * self._outflow
+        moved = 0.0 if self._dry else rotor / 3.6e6 * (1 + self._bias) * self._partial
+        self._out_ml_per_s = moved * self._outflow
+        self._patient_ml_per_s = 0.0 if self._occluded else moved
         spec = self.spec
         flow_factor = rotor * 24 / 1000.0 / BATTERY_REFERENCE_FLOW_ML_PER_DAY
         share = spec.battery_flow_share
@@ -749,12 +970,18 @@ class Pump:
         if len(self._steps) > 1:
             later = [s for s, _ in self._steps if s > sod + _EPS_S]
             nxt = min(nxt, now + ((later[0] if later else _DAY_S) - sod))
-        out = self._out_ml_per_s
-        if out > 0:
+        # the pump's own alarms follow what it knows: its sensor, or its counts
+        if self._measured:
+            view, view_rate = self._reservoir_ml, self._out_ml_per_s
+        else:
+            view, view_rate = self._estimate_ml, rotor / 3.6e6
+            if self._out_ml_per_s > 0:  # the true reservoir runs dry unnoticed
+                nxt = min(nxt, now + self._reservoir_ml / self._out_ml_per_s)
+        if view_rate > 0:
             if PumpAlarm.LOW_RESERVOIR not in self._alarms:
-                nxt = min(nxt, now + (self._reservoir_ml - spec.low_reservoir_alarm_ml) / out)
+                nxt = min(nxt, now + (view - spec.low_reservoir_alarm_ml) / view_rate)
             if PumpAlarm.EMPTY_RESERVOIR not in self._alarms:
-                nxt = min(nxt, now + self._reservoir_ml / out)
+                nxt = min(nxt, now + view / view_rate)
         if self._eri_at_s is None:
             if self._drain_pct_per_s > 0:
                 gap = (self._battery_pct - spec.eri_battery_pct) / self._drain_pct_per_s
@@ -766,17 +993,27 @@ class Pump:
     def _check_levels(self, out: list[Observation]) -> None:
         """Raise or clear the alarms that follow from volume and battery."""
         spec = self.spec
-        if self._reservoir_ml <= spec.low_reservoir_alarm_ml + _EPS_ML:
+        if self._reservoir_ml <= _EPS_ML:
+            self._reservoir_ml = 0.0
+            self._dry = True
+        else:
+            self._dry = False
+        if self._measured:
+            view = self._reservoir_ml
+        else:
+            if self._estimate_ml <= _EPS_ML:
+                self._estimate_ml = 0.0
+            view = self._estimate_ml
+        if view <= spec.low_reservoir_alarm_ml + _EPS_ML:
             self._raise(PumpAlarm.LOW_RESERVOIR, out)
         else:
             self._clear(PumpAlarm.LOW_RESERVOIR, out)
-        if self._reservoir_ml <= _EPS_ML:
-            self._reservoir_ml = 0.0
+        if view <= _EPS_ML:
             self._raise(PumpAlarm.EMPTY_RESERVOIR, out)
         else:
             self._clear(PumpAlarm.EMPTY_RESERVOIR, out)
         if self._eri_at_s is None and self._battery_pct <= spec.eri_battery_pct + 1e-9:
-            self._eri_at_s = self._now_s
+            self._set_eri(self._now_s, replace=True)
         if self._eri_at_s is not None:
             self._raise(PumpAlarm.ERI, out)
             eos_s = self._eri_at_s + EOS_AFTER_ERI_DAYS * _DAY_S
@@ -787,36 +1024,82 @@ class Pump:
     def _state(self) -> PumpState:
         if self._eos or self._mem_critical or PumpAlarm.EMPTY_RESERVOIR in self._alarms:
             return PumpState.STOPPED
-        if self._scanning:
+        if self._scanning or self._suspended:
             return PumpState.SUSPENDED
         if self._stalled_since is not None:
             return PumpState.STALLED
         return PumpState.INFUSING
+
+    # What the pump knows ----------------------------------------------------------------------
+
+    def _calculated_ml(self) -> float:
+        """Entered volume minus counts; a valve pump counts whole strokes only."""
+        if not self._valve:
+            return self._estimate_ml
+        pending = self._valve_carry_ul + self._rotor_ul
+        uncounted = pending - math.floor(pending / VALVE_STROKE_UL + 1e-9) * VALVE_STROKE_UL
+        return self._estimate_ml + uncounted / 1000.0
+
+    def _drift_ul(self) -> float:
+        days = (self._now_s - self._drift_since_s) / _DAY_S
+        return self._drift_base_ul + self._drift_ul_per_day * days
+
+    def _sensor_ml(self, true_ml: float) -> float:
+        """One reading of the reservoir sensor: truth + noise + drift since it was zeroed."""
+        sd = self.spec.sensor_noise_ul
+        noise_ul = self._random().gauss(0.0, sd) if sd > 0 else 0.0
+        return true_ml + (noise_ul + self._drift_ul()) / 1000.0
+
+    def _reading_ml(self) -> float:
+        """Telemetry's reservoir_ml: the sensor (measured) or the calculation, in [0, capacity]."""
+        v = self._sensor_ml(self._reservoir_ml) if self._measured else self._calculated_ml()
+        return round(min(self.spec.reservoir_capacity_ml, max(0.0, v)), 3)
 
     # Telemetry ------------------------------------------------------------------------------
 
     def _report(self, out: list[Observation]) -> None:
         t = self._next_report_s
         elapsed_h = (t - self._last_report_s) / 3600.0
-        delivered = self._rotor_ul / elapsed_h if elapsed_h > 0 else self._rotor_ul_per_h
+        counted_ul = self._rotor_ul
+        if self._valve:
+            pending = self._valve_carry_ul + counted_ul
+            counted_ul = math.floor(pending / VALVE_STROKE_UL + 1e-9) * VALVE_STROKE_UL
+            self._valve_carry_ul = pending - counted_ul
+        if elapsed_h > 0:
+            delivered = counted_ul / elapsed_h
+            scheduled = self._sched_ul / elapsed_h
+        else:
+            delivered, scheduled = self._rotor_ul_per_h, self._sched_ul_per_h
         self._rotor_ul = 0.0
+        self._sched_ul = 0.0
         self._last_report_s = t
         self._report_k += 1
         self._next_report_s = self._report_base_s + self._report_k * self.spec.reporting_interval_s
         spec = self.spec
+        cap = spec.reservoir_capacity_ml
+        if self._measured or self._valve:
+            volume = self._reading_ml()
+        else:  # the common case inline: a calculated volume
+            volume = self._estimate_ml
+            volume = 0.0 if volume <= 0 else cap if volume >= cap else round(volume, 3)
         fields: dict[str, Any] = {
             "delivered_ul_per_h": round(delivered, 3),
             "programmed_rate_ul_per_h": self._programmed_ul_per_h,
             "programmed_dose_mcg_per_day": self._schedule.dose_mcg_per_day,
-            "reservoir_ml": round(self._reservoir_ml, 3),
-            "reservoir_capacity_ml": spec.reservoir_capacity_ml,
+            "reservoir_ml": volume,
+            "reservoir_capacity_ml": cap,
             "low_reservoir_alarm_ml": spec.low_reservoir_alarm_ml,
             "concentration_mcg_per_ml": self._conc,
             "battery_pct": round(self._battery_at(t), 1),
             "battery_eri": self._eri_at_s is not None,
-            "pump_state": self._state(),
+            "pump_state": self._state_now,
             "alarms": tuple(self._alarms),
+            "reservoir_source": self._source,
+            "reporting_interval_s": spec.reporting_interval_s,
+            "scheduled_ul_per_h": round(scheduled, 3),
         }
+        if self._eri_since is not None:
+            fields["eri_since"] = self._eri_since
         self._emit(out, "telemetry", fields)
 
     def _emit(self, out: list[Observation], kind: ObservationKind, fields: dict[str, Any]) -> None:
@@ -881,17 +1164,29 @@ class Pump:
                 self._event(out, "mri_start")
                 self._scanning = True
                 self._stall(out)
-                recover_h = f.recover_after_h
-                self._later(f.scan_min / 60.0, lambda o: self._mri_end(o, recover_h))
+                recover_h, logged_h = f.recover_after_h, f.recovery_logged_after_h
+                self._later(f.scan_min / 60.0, lambda o: self._mri_end(o, recover_h, logged_h))
             case OverInfusion() | UnderInfusion():
                 self._bias = f.bias
             case CatheterOcclusion():
                 self._occluded = True
                 self._outflow = f.reservoir_outflow_fraction
+            case RotorMismatch():
+                self._rotor_factor = f.factor
+            case PartialOcclusion():
+                self._partial = f.flow_fraction
+            case ClinicianSuspend():
+                self._suspend(out, f.duration_h)
+            case SensorDrift():
+                self._drift_base_ul = self._drift_ul()
+                self._drift_since_s = self._now_s
+                self._drift_ul_per_day = f.drift_ul_per_day
             case RefillVisit():
-                self._refill(out, f.injected_ml, f.concentration_mcg_per_ml, 0.0)
+                self._refill(
+                    out, f.injected_ml, f.concentration_mcg_per_ml, 0.0, f.withdrawn_error_ml
+                )
             case PocketFill():
-                self._refill(out, f.injected_ml, None, f.pocket_ml)
+                self._refill(out, f.injected_ml, None, f.pocket_ml, f.withdrawn_error_ml)
             case BatteryFault():
                 dose = dose_mcg_per_day(f.reset_rate_ul_per_h, self._conc)
                 self._reprogram(out, continuous_schedule(min(dose, 10_000.0)), session=False)
@@ -899,7 +1194,7 @@ class Pump:
             case BatteryEri():
                 if not self._eos:
                     days_used = EOS_AFTER_ERI_DAYS - f.days_to_eos
-                    self._eri_at_s = self._now_s - days_used * _DAY_S
+                    self._set_eri(self._now_s - days_used * _DAY_S, replace=False)
             case MemoryFault():
                 alarm = (
                     PumpAlarm.CRITICAL_MEMORY_ERROR
@@ -937,19 +1232,65 @@ class Pump:
             self._stalled_since = _to_dt(self._now_s + self._skew_s)
             self._event(out, "motor_stall")
 
-    def _recover(self, out: list[Observation]) -> None:
-        if self._stalled_since is not None:
-            self._event(out, "motor_stall_recovery", stalled_since=self._stalled_since)
+    def _recover(self, out: list[Observation], logged_after_h: float = 0.0) -> None:
+        """The rotor turns again; the recovery is logged now or `logged_after_h` later."""
+        since = self._stalled_since
+        if since is not None:
             self._stalled_since = None
+            if logged_after_h > 0:
+                self._later(
+                    logged_after_h,
+                    lambda o: self._event(o, "motor_stall_recovery", stalled_since=since),
+                )
+            else:
+                self._event(out, "motor_stall_recovery", stalled_since=since)
         if self._stall_alarm:
             self._stall_alarm = False
             self._clear(PumpAlarm.MOTOR_STALL, out)
 
-    def _mri_end(self, out: list[Observation], recover_after_h: float | None) -> None:
+    def _mri_end(
+        self, out: list[Observation], recover_after_h: float | None, logged_after_h: float
+    ) -> None:
         self._scanning = False
         self._event(out, "mri_end")
         if recover_after_h is not None:
-            self._later(recover_after_h, self._recover)
+            self._later(recover_after_h, lambda o: self._recover(o, logged_after_h))
+
+    def _suspend(self, out: list[Observation], duration_h: float | None) -> None:
+        self._suspend_token += 1
+        if not self._suspended:
+            self._suspended = True
+            self._boluses = []  # a running bolus stops with the therapy
+            self._event(out, "suspend")
+        if duration_h is not None:
+            token = self._suspend_token
+            self._later(duration_h, lambda o: self._resume(o, token))
+
+    def _resume(self, out: list[Observation], token: int) -> None:
+        if self._suspended and token == self._suspend_token:  # not overtaken by a later suspend
+            self._suspended = False
+            self._event(out, "resume")
+
+    def _set_eri(self, at_s: float, *, replace: bool) -> None:
+        """ERI began at `at_s`; book the pump's replacement if the clinic replaces it."""
+        self._eri_at_s = at_s
+        self._eri_since = _to_dt(at_s + self._skew_s)
+        self._eri_token += 1
+        days = self.spec.battery_replacement_after_eri_days
+        if replace and days is not None:
+            token = self._eri_token
+            due_s = max(self._now_s, at_s + days * _DAY_S)
+            self._push(due_s, lambda o: self._replace_battery(o, token))
+
+    def _replace_battery(self, out: list[Observation], token: int) -> None:
+        """A new pump (same id and programme): full battery, ERI cleared."""
+        if token != self._eri_token or self._eri_at_s is None or self._eos:
+            return
+        self._eri_at_s = None
+        self._eri_since = None
+        self._eri_token += 1
+        self._battery_pct = 100.0
+        self._clear(PumpAlarm.ERI, out)
 
     def _memory_cleared(self, out: list[Observation], alarm: PumpAlarm) -> None:
         if alarm is PumpAlarm.CRITICAL_MEMORY_ERROR:
@@ -985,28 +1326,68 @@ class Pump:
         injected_ml: float | None,
         concentration: float | None,
         pocket_ml: float,
+        withdrawn_error_ml: float | None,
     ) -> None:
-        """Withdraw the rest, inject new drug; the reservoir after is measured, not assumed."""
-        cap = self.spec.reservoir_capacity_ml
-        noise_ml = max(-0.15, min(0.15, self._random().gauss(0.0, 0.05)))
-        withdrawn = max(0.0, self._reservoir_ml + noise_ml) if self._reservoir_ml > 0 else 0.0
-        expected = min(100.0, max(0.0, self._estimate_ml))
+        """Withdraw the rest, inject new drug, book the next visit.
+
+        The clinician's withdrawn reading carries `refill_entry_sd_ml` of error (clipped to
+        +-3 SD). A calculated pump expects its estimate and takes the injected volume on trust
+        (a pocket fill stays invisible until the reservoir runs dry early); a measured pump
+        reports its sensor's readings before and after.
+        """
+        spec = self.spec
+        cap = spec.reservoir_capacity_ml
+        before = self._reservoir_ml
+        expected = self._sensor_ml(before) if self._measured else self._calculated_ml()
+        if before <= 0 and withdrawn_error_ml is None:
+            withdrawn = 0.0  # nothing comes back up the needle
+        else:
+            error = withdrawn_error_ml
+            if error is None:
+                sd = spec.refill_entry_sd_ml
+                error = max(-3 * sd, min(3 * sd, self._random().gauss(0.0, sd))) if sd else 0.0
+            withdrawn = min(100.0, max(0.0, before + error))
         injected = min(cap, cap if injected_ml is None else injected_ml)
-        after = max(0.0, injected - pocket_ml)
         if concentration is not None and concentration != self._conc:
             self._conc = concentration
             self._steps = self._step_table()
-        self._reservoir_ml = after
-        self._estimate_ml = after
+        self._reservoir_ml = max(0.0, injected - pocket_ml)
+        self._dry = self._reservoir_ml <= _EPS_ML
+        self._estimate_ml = injected
+        self._drift_base_ul = 0.0  # the sensor is re-zeroed at the refill
+        self._drift_since_s = self._now_s
+        if self._measured:
+            after = round(min(cap, max(0.0, self._sensor_ml(self._reservoir_ml))), 3)
+            source, after_source = ReservoirSource.MEASURED, "measured"
+        else:
+            after = round(injected, 2)
+            source, after_source = ReservoirSource.CALCULATED, "entered"
         self._event(
             out,
             "refill",
-            expected_ml=round(expected, 2),
+            expected_ml=round(min(100.0, max(0.0, expected)), 3),
             withdrawn_ml=round(withdrawn, 2),
             injected_ml=round(injected, 2),
-            reservoir_after_ml=round(after, 2),
+            reservoir_after_ml=after,
             concentration_mcg_per_ml=self._conc,
+            expected_source=source,
+            reservoir_after_source=after_source,
         )
+        self._book_refill(after)
+
+    def _book_refill(self, reading_ml: float) -> None:
+        """The clinic books the next routine visit from what the pump shows after the refill."""
+        spec = self.spec
+        if spec.refill_interval_days is None:
+            return
+        days = spec.refill_interval_days
+        if spec.refill_margin_days is not None:
+            worst = worst_case_flow_ml_per_day(spec, self._schedule.dose_mcg_per_day, self._conc)
+            booked = booked_refill_days(
+                reading_ml, spec.low_reservoir_alarm_ml, worst, spec.refill_margin_days
+            )
+            days = min(days, booked)
+        self._next_refill_s = self._now_s + days * _DAY_S
 
     def _bolus(
         self, out: list[Observation], source: str, dose_mcg: float, duration_min: float

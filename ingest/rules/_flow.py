@@ -39,6 +39,7 @@ from ingest.rules._facts import ABSENT, INF, Pump, Rule, Verdict
 from pumpfleet.contract import (
     Bolus,
     Message,
+    MotorStallRecovery,
     PumpState,
     Refill,
     ReservoirSource,
@@ -151,6 +152,8 @@ class FlowState:
         "trend_restart",
         "trend_x",
         "trend_y0",
+        "zero_since_s",
+        "zero_ul",
     )
 
     def __init__(self) -> None:
@@ -166,6 +169,10 @@ class FlowState:
         self.trend_fig: dict[str, Any] = {}
         self.trend_blind = False
         self.no_delivery = False
+        self.zero_since_s = INF
+        """Start of the interval the current run of zero counts began in."""
+        self.zero_ul = 0.0
+        """What the programme asked for during that run."""
         self.causes: dict[str, tuple[str, ...]] = {}
         """Per rule, the sources that fired its open alert: those must clear to end it."""
         self.bolus_until_s = -INF
@@ -311,16 +318,32 @@ def observe_flow(p: Pump, msg: Message, t: float) -> None:
         if p.new_tel:
             _counts(st, p, msg, t)
             _trend(st, p, msg, t)
-            st.no_delivery = (
+            zero = (
                 msg.delivered_ul_per_h <= 0.0
                 and p.scheduled_ul_per_h > 0.0
                 and msg.pump_state is not PumpState.SUSPENDED
                 and not p.suspended
+                and not p.mri_active  # an MRI stall is post_mri's
+            )
+            if zero:
+                if st.zero_since_s == INF:
+                    st.zero_since_s, st.zero_ul = t - p.interval_s, 0.0
+                st.zero_ul += p.scheduled_ul_per_h * p.interval_s / 3600.0
+            else:
+                st.zero_since_s, st.zero_ul = INF, 0.0
+            th = p.th
+            st.no_delivery = (
+                zero
+                and st.zero_ul >= th.no_delivery_min_ul
+                and (t - st.zero_since_s >= th.no_delivery_on_s)
             )
     elif isinstance(msg, Refill):
         st.trend_restart = True  # the reservoir trend starts again from the next reading
         st.trend.clear()
         st.trend_call = None
+    elif isinstance(msg, MotorStallRecovery):
+        st.no_delivery = False
+        st.zero_since_s, st.zero_ul = INF, 0.0
     elif isinstance(msg, Bolus):
         st.bolus_until_s = max(st.bolus_until_s, t + msg.duration_min * 60.0)
     elif isinstance(msg, (Suspend, Resume)):
@@ -340,8 +363,8 @@ def _judge_flow(
         fired.add("no_delivery")
     if fired:
         st.causes[name] = tuple(sorted(fired))
-        if fired == {"no_delivery"}:
-            return Verdict(priority, th.no_delivery_on_s, th.no_delivery_off_s, "no_delivery")
+        if fired == {"no_delivery"}:  # its hold is in `zero_since_s`
+            return Verdict(priority, 0.0, th.no_delivery_off_s, "no_delivery")
         off = th.trend_off_s if "measured_trend" in fired else th.counts_off_s
         return Verdict(priority, 0.0, off, "flow")
     current = p.priority(name)

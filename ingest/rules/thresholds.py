@@ -100,6 +100,12 @@ class Thresholds(BaseModel):
     no_delivery_on_s: float = Field(
         default=1200.0, ge=0, description="Rotor at 0 while programmed > 0 this long: a stall."
     )
+    no_delivery_min_ul: float = Field(
+        default=4.0,
+        gt=0,
+        description="...and the programme asked for at least this much meanwhile: a valve pump "
+        "counts in strokes of about 2 uL, so a slow one shows intervals of 0 when healthy.",
+    )
     no_delivery_off_s: float = Field(default=1200.0, ge=0)
     over_infusion_priority: Priority = "high"
     under_infusion_priority: Priority = "high"

@@ -20,6 +20,7 @@ from sim_fleet import (
     CatheterOcclusion,
     ClinicianBolus,
     ClinicianReprogram,
+    ClinicianSuspend,
     ClockSkew,
     DuplicateDelivery,
     Fault,
@@ -30,11 +31,14 @@ from sim_fleet import (
     Observation,
     OutOfOrderDelivery,
     OverInfusion,
+    PartialOcclusion,
     PatientBolusPress,
     PocketFill,
     Pump,
     PumpSpec,
     RefillVisit,
+    RotorMismatch,
+    SensorDrift,
     TelemetrySilence,
     UnderInfusion,
     continuous_schedule,
@@ -154,17 +158,17 @@ def test_routine_refill_fills_to_capacity_on_schedule() -> None:
     assert [o.sim_time for o in refills] == [START + D / 2, START + D / 2 + 30 * D]
     first = refills[0].fields
     assert first["injected_ml"] == 40 and first["reservoir_after_ml"] == 40
-    assert abs(first["withdrawn_ml"] - (10 - 0.125)) <= 0.15  # small reading error
+    assert abs(first["withdrawn_ml"] - (10 - 0.125)) <= 0.9  # reading error, clipped at 3 SD
 
 
 def test_refill_discrepancy_is_the_bias_accumulated_since_the_last_refill() -> None:
-    pump = Pump(
-        spec(flow_bias=0.10, reporting_interval_s=3600), START, [RefillVisit(START + 40 * D)]
-    )
+    s = spec(flow_bias=0.10, reporting_interval_s=3600, refill_entry_sd_ml=0.0)
+    pump = Pump(s, START, [RefillVisit(START + 40 * D)])
     (refill,) = events(pump.advance(START + 40 * D), "refill")
     f = refill.fields
-    assert f["expected_ml"] == pytest.approx(40 - 40 * 0.25, abs=0.01)
-    assert f["expected_ml"] - f["withdrawn_ml"] == pytest.approx(40 * 0.25 * 0.10, abs=0.16)
+    assert f["expected_ml"] == pytest.approx(40 - 40 * 0.25, abs=0.001)
+    assert f["expected_ml"] - f["withdrawn_ml"] == pytest.approx(40 * 0.25 * 0.10, abs=0.006)
+    assert f["expected_source"] is contract.ReservoirSource.CALCULATED
 
 
 def test_refill_with_a_new_concentration_changes_the_rate_not_the_dose() -> None:
@@ -229,6 +233,7 @@ def test_clinician_bolus_adds_its_volume_and_shows_in_delivered() -> None:
 def test_eri_then_eos_90_days_later_stops_delivery() -> None:
     # life 1000 days: ERI at 9 %; drain at 0.25 mL/day = 0.1 %/day x (0.6 + 0.4 x 0.5) = 0.08 %/day
     s = spec(battery_life_days=1000.0, initial_battery_pct=9.5, reporting_interval_s=3600)
+    s = dataclasses.replace(s, battery_replacement_after_eri_days=None)  # never replaced
     pump = Pump(s, START)
     obs = pump.advance(START + 100 * D)
     raised = {o.fields["alarm"]: o.sim_time for o in events(obs, "alarm_raised")}
@@ -237,6 +242,8 @@ def test_eri_then_eos_90_days_later_stops_delivery() -> None:
     assert raised[contract.PumpAlarm.EOS] - eri == pytest.approx(90 * D, abs=timedelta(seconds=1))
     before = at_time(obs, START + 96 * D)
     assert before["battery_eri"] and before["pump_state"] is contract.PumpState.INFUSING
+    assert before["eri_since"] == eri
+    assert "eri_since" not in at_time(obs, START + 6 * D)
     after = at_time(obs, START + 97 * D)
     assert after["pump_state"] is contract.PumpState.STOPPED
     assert after["delivered_ul_per_h"] == 0 and after["battery_pct"] == 0
@@ -270,74 +277,118 @@ TELEMETRY_FIELDS = {
     "battery_eri",
     "pump_state",
     "alarms",
+    "reservoir_source",
+    "reporting_interval_s",
+    "scheduled_ul_per_h",
+    "eri_since",
 }
 MOTION = {"delivered_ul_per_h", "reservoir_ml"}
+SCHED = {"scheduled_ul_per_h"}
+RES = {"reservoir_ml"}
 
-# fault, telemetry fields that must change, fields that may also change, new events
-ISOLATION: list[tuple[Fault, set[str], set[str], list[str]]] = [
+# fault, telemetry fields that must change on a calculated pump, fields that must also change on
+# a measured pump (what only a sensor sees), fields that may also change, new events
+ISOLATION: list[tuple[Fault, set[str], set[str], set[str], list[str]]] = [
     (
         MotorStallFault(FAULT_AT),
         MOTION | {"pump_state", "alarms"},
+        set(),
         {"battery_pct"},
         ["motor_stall", "alarm_raised"],
     ),
     (
         MriScan(FAULT_AT, scan_min=45, recover_after_h=4),
-        MOTION | {"pump_state"},
+        MOTION | SCHED | {"pump_state"},
+        set(),
         {"battery_pct"},
         ["mri_start", "motor_stall", "mri_end", "motor_stall_recovery"],
     ),
-    (OverInfusion(FAULT_AT, bias=0.25), {"reservoir_ml"}, set(), []),
-    (UnderInfusion(FAULT_AT, bias=-0.30), {"reservoir_ml"}, set(), []),
-    (CatheterOcclusion(FAULT_AT, reservoir_outflow_fraction=0.0), {"reservoir_ml"}, set(), []),
-    (CatheterOcclusion(FAULT_AT, reservoir_outflow_fraction=1.0), set(), set(), []),
-    (PocketFill(FAULT_AT, pocket_ml=8.0), {"reservoir_ml"}, set(), ["refill"]),
-    (RefillVisit(FAULT_AT), {"reservoir_ml"}, set(), ["refill"]),
+    (
+        MriScan(FAULT_AT, scan_min=45, recover_after_h=2, recovery_logged_after_h=3),
+        MOTION | SCHED | {"pump_state"},
+        set(),
+        {"battery_pct"},
+        ["mri_start", "motor_stall", "mri_end", "motor_stall_recovery"],
+    ),
+    (OverInfusion(FAULT_AT, bias=0.25), set(), RES, set(), []),
+    (UnderInfusion(FAULT_AT, bias=-0.30), set(), RES, set(), []),
+    (CatheterOcclusion(FAULT_AT, reservoir_outflow_fraction=0.0), set(), RES, set(), []),
+    (CatheterOcclusion(FAULT_AT, reservoir_outflow_fraction=1.0), set(), set(), set(), []),
+    (PartialOcclusion(FAULT_AT, flow_fraction=0.5), set(), RES, set(), []),
+    (RotorMismatch(FAULT_AT, factor=1.3), MOTION, set(), {"battery_pct"}, []),
+    (SensorDrift(FAULT_AT, drift_ul_per_day=50.0), set(), RES, set(), []),
+    (
+        ClinicianSuspend(FAULT_AT, duration_h=6.0),
+        MOTION | SCHED | {"pump_state"},
+        set(),
+        {"battery_pct"},
+        ["suspend", "resume"],
+    ),
+    (PocketFill(FAULT_AT, pocket_ml=8.0), RES, set(), set(), ["refill"]),
+    (RefillVisit(FAULT_AT), RES, set(), set(), ["refill"]),
     (
         BatteryFault(FAULT_AT),
-        MOTION | {"programmed_rate_ul_per_h", "programmed_dose_mcg_per_day", "alarms"},
+        MOTION | SCHED | {"programmed_rate_ul_per_h", "programmed_dose_mcg_per_day", "alarms"},
+        set(),
         {"battery_pct"},
         ["reprogram", "alarm_raised"],
     ),
-    (BatteryEri(FAULT_AT), {"battery_eri", "battery_pct", "alarms"}, set(), ["alarm_raised"]),
     (
-        MemoryFault(FAULT_AT, critical=True),
+        BatteryEri(FAULT_AT),
+        {"battery_eri", "battery_pct", "alarms", "eri_since"},
+        set(),
+        set(),
+        ["alarm_raised"],
+    ),
+    (
+        MemoryFault(FAULT_AT, critical=True),  # stopped by an alarm: the programme still asks
         MOTION | {"pump_state", "alarms"},
+        set(),
         {"battery_pct"},
         ["alarm_raised"],
     ),
-    (MemoryFault(FAULT_AT, critical=False), {"alarms"}, set(), ["alarm_raised"]),
+    (MemoryFault(FAULT_AT, critical=False), {"alarms"}, set(), set(), ["alarm_raised"]),
     (
         ClinicianReprogram(FAULT_AT, dose_mcg_per_day=750.0),
-        MOTION | {"programmed_rate_ul_per_h", "programmed_dose_mcg_per_day"},
+        MOTION | SCHED | {"programmed_rate_ul_per_h", "programmed_dose_mcg_per_day"},
+        set(),
         {"battery_pct"},
         ["reprogram"],
     ),
-    (ClinicianBolus(FAULT_AT, dose_mcg=100.0), MOTION, {"battery_pct"}, ["bolus"]),
-    (ClockSkew(FAULT_AT, offset_s=240.0), set(), set(), []),
-    (DuplicateDelivery(FAULT_AT, duration_h=2.0), set(), set(), []),
-    (OutOfOrderDelivery(FAULT_AT, duration_h=2.0), set(), set(), []),
-    (MessageLoss(FAULT_AT, duration_h=2.0), set(), set(), []),
-    (TelemetrySilence(FAULT_AT, duration_h=2.0), set(), set(), []),
+    (ClinicianBolus(FAULT_AT, dose_mcg=100.0), MOTION | SCHED, set(), {"battery_pct"}, ["bolus"]),
+    (ClockSkew(FAULT_AT, offset_s=240.0), set(), set(), set(), []),
+    (DuplicateDelivery(FAULT_AT, duration_h=2.0), set(), set(), set(), []),
+    (OutOfOrderDelivery(FAULT_AT, duration_h=2.0), set(), set(), set(), []),
+    (MessageLoss(FAULT_AT, duration_h=2.0), set(), set(), set(), []),
+    (TelemetrySilence(FAULT_AT, duration_h=2.0), set(), set(), set(), []),
 ]
 
 
+@pytest.mark.parametrize("family", ["calculated", "measured"])
 @pytest.mark.parametrize(
-    ("fault", "must", "may", "new_events"),
+    ("fault", "must", "sensor_sees", "may", "new_events"),
     ISOLATION,
     ids=[f"{type(f).__name__}-{i}" for i, (f, *_) in enumerate(ISOLATION)],
 )
 def test_fault_changes_what_it_should_and_nothing_else(
-    fault: Fault, must: set[str], may: set[str], new_events: list[str]
+    fault: Fault,
+    must: set[str],
+    sensor_sees: set[str],
+    may: set[str],
+    new_events: list[str],
+    family: str,
 ) -> None:
-    s = spec(reporting_interval_s=600)
+    # a noiseless sensor, so that any change in a measured pump's reservoir_ml is the fault's
+    s = spec(reporting_interval_s=600, family=family, sensor_noise_ul=0.0)
+    if family == "measured":
+        must = must | sensor_sees
     base = Pump(s, START).advance(START + D)
     hit = Pump(s, START, [fault]).advance(START + D)
     base_t = {o.sim_time: o for o in telemetry(base)}
     changed: set[str] = set()
     for o in telemetry(hit):
         ref = base_t[o.sim_time]
-        diff = {k for k in TELEMETRY_FIELDS if o.fields[k] != ref.fields[k]}
+        diff = {k for k in TELEMETRY_FIELDS if o.fields.get(k) != ref.fields.get(k)}
         if o.sim_time < FAULT_AT:
             assert diff == set(), f"changed before the fault: {diff}"
         changed |= diff
@@ -354,15 +405,8 @@ def test_catheter_occlusion_keeps_drug_from_the_patient_either_way() -> None:
         assert pump.delivered_to_patient_ml == pytest.approx(0.0625)  # the first 6 h only
         assert pump.reservoir_ml == pytest.approx(40 - reservoir_drop)
         assert at_time(obs, START + D)["delivered_ul_per_h"] == pytest.approx(10.417)
+        assert at_time(obs, START + D)["reservoir_ml"] == 39.75  # the calculation: as programmed
         assert events(obs, "alarm_raised") == []
-
-
-def test_pocket_fill_refill_says_full_but_the_reservoir_holds_less() -> None:
-    pump = Pump(spec(reservoir_capacity_ml=20.0), START, [PocketFill(FAULT_AT, pocket_ml=5.0)])
-    obs = pump.advance(START + 7 * H)
-    (refill,) = events(obs, "refill")
-    assert refill.fields["injected_ml"] == 20 and refill.fields["reservoir_after_ml"] == 15
-    assert at_time(obs, FAULT_AT)["reservoir_ml"] == 15
 
 
 def test_battery_fault_resets_the_rate_without_a_session() -> None:
@@ -439,8 +483,12 @@ EVERYTHING: list[Fault] = [
     PatientBolusPress(START + 2 * H),
     ClinicianReprogram(START + 3 * H, dose_mcg_per_day=550.0),
     MriScan(START + 4 * H, recover_after_h=2.0),
+    RotorMismatch(START + 7 * H, factor=1.3),
+    SensorDrift(START + 8 * H, drift_ul_per_day=30.0),
+    RotorMismatch(START + 9 * H, factor=1.0),
     MotorStallFault(START + 10 * H, recover_after_h=1.0),
     OverInfusion(START + 12 * H),
+    PartialOcclusion(START + 13 * H, flow_fraction=0.5),
     UnderInfusion(START + 14 * H),
     CatheterOcclusion(START + 15 * H),
     PocketFill(START + 16 * H),
@@ -454,11 +502,14 @@ EVERYTHING: list[Fault] = [
     OutOfOrderDelivery(START + 26 * H),
     MessageLoss(START + 27 * H),
     BatteryEri(START + 28 * H, days_to_eos=1.0),
+    ClinicianSuspend(START + 29 * H, duration_h=2.0),
+    MriScan(START + 32 * H, recover_after_h=1.0, recovery_logged_after_h=5.0),
 ]
 
 
-def everything_spec() -> PumpSpec:
+def everything_spec(family: str = "calculated") -> PumpSpec:
     return spec(
+        family=family,
         schedule=flex_schedule([(0, 400.0), (8 * 60, 600.0), (20 * 60, 450.0)]),
         patient_bolus_dose_mcg=40.0,
         patient_bolus_max_per_day=4,
@@ -468,8 +519,12 @@ def everything_spec() -> PumpSpec:
     )
 
 
-def test_every_observation_validates_against_the_contract() -> None:
-    obs = Pump(everything_spec(), START, EVERYTHING).advance(START + 3 * D)
+FAMILIES = ["calculated", "measured", "valve"]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_observation_validates_against_the_contract(family: str) -> None:
+    obs = Pump(everything_spec(family), START, EVERYTHING).advance(START + 3 * D)
     kinds = {o.fields.get("event", o.kind) for o in obs}
     assert {
         "telemetry",
@@ -477,6 +532,8 @@ def test_every_observation_validates_against_the_contract() -> None:
         "refill",
         "reprogram",
         "bolus",
+        "suspend",
+        "resume",
         "mri_start",
         "mri_end",
         "motor_stall",
@@ -484,12 +541,12 @@ def test_every_observation_validates_against_the_contract() -> None:
         "alarm_raised",
         "alarm_cleared",
     } <= kinds
+    assert {o.fields["battery_eri"] for o in telemetry(obs)} == {False, True}
     for seq, o in enumerate(obs):
-        envelope = {"v": 1, "pump_id": "P-000001", "seq": seq, "time": o.time}
-        if o.kind == "telemetry":
-            msg: contract.Message = contract.Telemetry.model_validate({**envelope, **o.fields})
-        else:
-            msg = o.to_message("P-000001", seq)
+        assert o.kind != "telemetry" or ("eri_since" in o.fields) == o.fields["battery_eri"]
+        envelope = {"v": 2, "pump_id": "P-000001", "seq": seq, "time": o.time}
+        msg: contract.Message = o.to_message("P-000001", seq)  # what the simulator stamps
+        assert msg.v == contract.CONTRACT_VERSION == 2
         wire = contract.encode(msg)
         assert contract.decode(contract.topic("P-000001", o.kind), wire) == msg
         # the agent's path: plain JSON of envelope + fields, enums and datetimes as strings
@@ -516,9 +573,10 @@ def test_same_seed_same_fleet_same_observations() -> None:
     assert run(5) != run(6)
 
 
-def test_how_time_is_sliced_changes_nothing() -> None:
-    whole = Pump(everything_spec(), START, EVERYTHING).advance(START + 3 * D)
-    pump = Pump(everything_spec(), START, EVERYTHING)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_how_time_is_sliced_changes_nothing(family: str) -> None:
+    whole = Pump(everything_spec(family), START, EVERYTHING).advance(START + 3 * D)
+    pump = Pump(everything_spec(family), START, EVERYTHING)
     rng = random.Random(3)
     sliced: list[Observation] = []
     t = START
@@ -548,6 +606,12 @@ def test_time_only_moves_forward() -> None:
         ({"initial_reservoir_ml": 41.0}, "initial_reservoir_ml"),
         ({"report_offset_s": 600}, "report_offset_s"),
         ({"flow_bias": -1.0}, "flow_bias"),
+        ({"family": "sensorless"}, "family"),
+        ({"sensor_noise_ul": -1.0}, "sensor_noise_ul"),
+        ({"sensor_drift_ul_per_day": float("nan")}, "sensor_drift_ul_per_day"),
+        ({"refill_entry_sd_ml": -0.1}, "refill_entry_sd_ml"),
+        ({"refill_margin_days": -1.0}, "refill_margin_days"),
+        ({"battery_replacement_after_eri_days": 90.0}, "battery_replacement_after_eri_days"),
     ],
 )
 def test_spec_rejects_impossible_pumps_naming_the_field(change: dict[str, Any], field: str) -> None:

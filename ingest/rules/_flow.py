@@ -220,7 +220,7 @@ def _counts(st: FlowState, p: Pump, m: Telemetry, t: float) -> None:
         st.counts_call = None
         return
     ratio = delivered / scheduled_ul
-    st.counts_call = call_ratio(ratio, 0.0, th)
+    st.counts_call = call_ratio(ratio, th.counts_quantum_ul / scheduled_ul, th)
     st.counts_fig = {
         "cause": "delivery_counts",
         "delivered_ul": round(delivered, 1),

@@ -16,8 +16,8 @@ d = expected - withdrawn; on a calculated-volume pump this is the only place the
   4 points (and more than the entry error could make it): low (a drift).
 
 pocket_fill: drug injected that the reservoir does not hold went beside the pump. Judged at the
-refill where the pump measures the volume after it (`reservoir_after_source: measured`, or a v1
-event): injected - after > 1 mL (20 mL pump) or 2 mL (40 mL). A calculated-volume pump takes the
+refill where the pump measures the volume after it (`reservoir_after_source: measured`; a v1
+event's volume after was entered): injected - after > 1 mL (20 mL pump) or 2 mL (40 mL). A calculated-volume pump takes the
 entered volume on trust, so a pocket fill there is invisible at the refill; it shows at the next
 refill's reconciliation as d about equal to the pocket volume (refill_discrepancy, which says
 so), or clinically.
@@ -172,7 +172,8 @@ class RefillDiscrepancy(Rule):
         reconcile(book, msg, capacity, p.th)
         limit = pocket_limit_ml(capacity, msg.injected_ml, p.th)
         gap = msg.injected_ml - msg.reservoir_after_ml
-        measured = msg.reservoir_after_source != "entered"
+        # v1 said "entered after refill": only a v2 pump that measured it can be judged here.
+        measured = msg.reservoir_after_source == "measured"
         book.pocket = (
             {
                 "injected_ml": msg.injected_ml,

@@ -67,6 +67,12 @@ class Thresholds(BaseModel):
     counts_min_scheduled_ul: float = Field(
         default=5.0, gt=0, description="...and the programme asked for at least this much."
     )
+    counts_quantum_ul: float = Field(
+        default=4.0,
+        ge=0,
+        description="Counting resolution allowed on top of the accuracy: two valve strokes of "
+        "about 2 uL (a rotor counts far finer); a slow valve pump's 6 h holds only ~11 uL.",
+    )
     counts_off_s: float = Field(default=2 * _H, ge=0)
     trend_window_s: float = Field(
         default=24 * _H,

@@ -251,7 +251,7 @@ def test_rotor_counts_against_the_programme_on_every_family(
 ) -> None:
     feed = Feed(family=family)  # type: ignore[arg-type]
     feed.hours(6)
-    found = feed.hours(4, delivered_ul_per_h=round(feed.rate_ul_per_h * factor, 3))
+    found = feed.hours(6, delivered_ul_per_h=round(feed.rate_ul_per_h * factor, 3))
     assert only(found, rule) == [(True, "high")]
     finding = next(f for f in found if f.rule == rule)
     assert finding.details["cause"] == "delivery_counts"

@@ -19,6 +19,8 @@ from device_agent import BrokerOptions
 from pumpfleet.cli import UsageError
 from pumpfleet.settings import Settings
 from sim_fleet import check as checking
+from sim_fleet import detect as detecting
+from sim_fleet.fleet import FleetMix
 from sim_fleet.load import LoadConfig, LoadReport, Progress, run_load
 from sim_fleet.mqtt import ConnectError, tls_context
 from sim_fleet.run import RunOptions, RunProgress, RunStats, run_scenario
@@ -128,6 +130,49 @@ def register(subparsers: Any) -> None:
     text = "list the shipped scenarios"
     p = sim.add_parser("list", help=text, description=text)
     p.set_defaults(handler=sim_list)
+
+    text = (
+        "print the detection table: each fault on each pump family, straight into the rule "
+        "engine: detected or not, by which rule, priority, and time from onset to alert"
+    )
+    p = sim.add_parser("detect", help=text, description=text)
+    p.add_argument(
+        "--family",
+        action="append",
+        choices=detecting.FAMILIES,
+        help="only this pump family (repeatable; default: all)",
+    )
+    p.add_argument("--seed", type=int, default=1, help="the pumps' random seed (default 1)")
+    p.set_defaults(handler=sim_detect)
+
+    text = (
+        "run a healthy mixed fleet for a simulated year through the rule engine and count the "
+        "alerts by rule; exit status 1 if any alert is one a healthy fleet should not raise"
+    )
+    p = sim.add_parser("year", help=text, description=text)
+    p.add_argument("--pumps", type=_positive, default=1000, help="fleet size (default 1000)")
+    p.add_argument("--days", type=_positive, default=365, help="simulated days (default 365)")
+    p.add_argument("--seed", type=int, default=1, help="the fleet's random seed (default 1)")
+    p.add_argument(
+        "--interval",
+        type=_positive,
+        default=600,
+        help="every pump's reporting interval in seconds (default 600)",
+    )
+    p.add_argument(
+        "--processes", type=_positive, default=1, help="split the fleet over N processes"
+    )
+    p.set_defaults(handler=sim_year)
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be at least 1")
+    return value
 
 
 def _speed(text: str) -> float | str:
@@ -412,3 +457,40 @@ def sim_list(args: argparse.Namespace, settings: Settings) -> int:
         if s.description:
             print(f"{'':<15}{' '.join(s.description.split())}")
     return 0
+
+
+# sim detect, sim year -----------------------------------------------------------------------------
+
+
+def sim_detect(args: argparse.Namespace, settings: Settings) -> int:
+    families = tuple(args.family or detecting.FAMILIES)
+    line = _Line()
+    outcomes = []
+    cases = detecting.CASES
+    for i, case in enumerate(cases):
+        line.show(f"detect: case {i + 1}/{len(cases)}: {case.name}")
+        outcomes += [detecting.run_case(case, fam, args.seed) for fam in families]
+    line.done()
+    print("\n".join(detecting.format_table(outcomes)))
+    return 0
+
+
+def sim_year(args: argparse.Namespace, settings: Settings) -> int:
+    line = _Line()
+
+    def progress(day: float, messages: int) -> None:
+        line.show(f"year: day {day:.0f}/{args.days} of {args.pumps} pumps, {messages:,} messages")
+
+    mix = FleetMix(reporting_interval_s=args.interval)
+    if args.processes > 1:
+        line.show(f"year: {args.pumps} pumps over {args.processes} processes, no progress")
+        report = detecting.healthy_year_parallel(
+            args.pumps, float(args.days), args.seed, mix, args.processes
+        )
+    else:
+        report = detecting.healthy_year(
+            args.pumps, float(args.days), args.seed, mix, progress=progress
+        )
+    line.done()
+    print("\n".join(detecting.format_year(report)))
+    return 1 if report.unexpected else 0

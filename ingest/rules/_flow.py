@@ -122,6 +122,16 @@ class Fit:
         return s[_SY] / n + got[1] / got[0] * (x - s[_SX] / n)
 
 
+def t_quantile(z: float, df: int) -> float:
+    """Student's t at the normal quantile `z` with `df` degrees of freedom (Cornish-Fisher, a
+    few % of the exact value from df 10 on): the residual SE of a short fit is itself noisy, so
+    a bound of z standard errors would be too narrow on few readings."""
+    if df <= 0:
+        return math.inf
+    z3, z5 = z**3, z**5
+    return z + (z3 + z) / (4 * df) + (5 * z5 + 16 * z3 + 3 * z) / (96 * df * df)
+
+
 def call_ratio(ratio: float, spread: float, th: Any) -> Call:
     """Ratio delivered/programmed (1 = as programmed), with `spread` (z x standard error)."""
     acc, clear = th.flow_accuracy, th.flow_clear_fraction
@@ -265,13 +275,13 @@ def _trend(st: FlowState, p: Pump, m: Telemetry, t: float) -> None:
         fit = _window(st, t, window_s, th.trend_bucket_s)
         if fit is None or t - fit.first_s < th.trend_min_span_fraction * window_s:
             continue
-        got = fit.slope()
+        got = fit.slope() if fit.n >= th.trend_min_readings else None
         if got is None:
             continue
         ratio, se = got
         if window_s == th.trend_window_s and se > th.trend_max_se:
             st.trend_blind = True
-        call = call_ratio(ratio, th.trend_z * se, th)
+        call = call_ratio(ratio, t_quantile(th.trend_z, fit.n - 2) * se, th)
         fig = {
             "cause": "measured_trend",
             "window_h": round((t - fit.first_s) / 3600.0, 1),
@@ -324,6 +334,7 @@ def observe_flow(p: Pump, msg: Message, t: float) -> None:
                 and msg.pump_state is not PumpState.SUSPENDED
                 and not p.suspended
                 and not p.mri_active  # an MRI stall is post_mri's
+                and not p.explained_stop()  # nor one a pump alarm explains: it pages itself
             )
             if zero:
                 if st.zero_since_s == INF:
@@ -338,6 +349,8 @@ def observe_flow(p: Pump, msg: Message, t: float) -> None:
                 and (t - st.zero_since_s >= th.no_delivery_on_s)
             )
     elif isinstance(msg, Refill):
+        st.no_delivery = False  # a refill ends a stop; the next reading says how it runs
+        st.zero_since_s, st.zero_ul = INF, 0.0
         st.trend_restart = True  # the reservoir trend starts again from the next reading
         st.trend.clear()
         st.trend_call = None

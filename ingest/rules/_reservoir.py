@@ -8,8 +8,8 @@ the labelled accuracy as a margin twice over: on a calculated volume the pump's 
 high by up to 14.5 % of what it infused since the refill (the worst case is taken, so a pump
 with a +12 % bias is warned well before it really runs dry), and the flow may be 14.5 % faster
 than programmed. Once refills have taught the engine the pump's own bias (refill
-reconciliation), that bias plus a 5-point margin replaces the label. A measured volume needs
-only the flow margin.
+reconciliation), that bias plus a 5-point margin replaces the label where it is narrower. A
+measured volume needs only the flow margin.
 """
 
 from __future__ import annotations
@@ -103,7 +103,11 @@ class RefillDue(Rule):
         if daily_ml <= 0:
             return None
         last_after, bias = self._history(p)
-        margin = th.flow_accuracy if bias is None else max(0.0, bias) + LEARNED_BIAS_MARGIN
+        # A learned bias may only narrow the label's margin: a pump beyond the label is
+        # refill_discrepancy's to report, and a clinic books refills by the label.
+        margin = th.flow_accuracy
+        if bias is not None:
+            margin = min(margin, max(0.0, bias) + LEARNED_BIAS_MARGIN)
         res = tel.reservoir_ml
         infused = 0.0
         if tel.source is ReservoirSource.CALCULATED:

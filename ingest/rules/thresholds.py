@@ -90,6 +90,11 @@ class Thresholds(BaseModel):
     trend_z: float = Field(
         default=3.0, gt=0, description="Confidence: the slope's bound at z standard errors."
     )
+    trend_min_readings: int = Field(
+        default=12,
+        ge=4,
+        description="A window with fewer readings is not judged (an hourly pump's 6 h window).",
+    )
     trend_max_se: float = Field(
         default=0.04,
         gt=0,

@@ -10,8 +10,9 @@ from datetime import datetime, timedelta
 from typing import Protocol
 
 from ingest.findings import Finding
+from ingest.rules import PumpProfile, RuleEngine
 from pumpfleet.contract import Message
-from sim_fleet import Pump, RaisedAlert, advance_fleet
+from sim_fleet import Pump, RaisedAlert, SimRun, advance_fleet
 
 
 class Engine(Protocol):
@@ -81,3 +82,24 @@ def drive(
             out.messages += 1
         out.findings += [(t, f) for f in engine.tick(t)]
     return out
+
+
+def profiles(run: SimRun) -> dict[str, PumpProfile]:
+    """What the clinic confirmed: a profile for every pump of the run (its high-risk status and
+    reporting interval) except those the scenario sets up with `profile: false`."""
+    return {
+        p.pump_id: PumpProfile(
+            pump_id=p.pump_id,
+            high_risk=p.spec.high_risk,
+            reporting_interval_s=p.spec.reporting_interval_s,
+        )
+        for p in run.pumps
+        if run.has_profile(p.pump_id)
+    }
+
+
+def run_engine(run: SimRun, step: timedelta = timedelta(minutes=5)) -> tuple[Delivered, list[str]]:
+    """A scenario run through a fresh engine that knows the run's profiles: what it said, and
+    `SimRun.check`'s problems (empty: the scenario passed)."""
+    delivered = drive(RuleEngine(profiles=profiles(run)), run.pumps, run.start, run.end, step)
+    return delivered, run.check(delivered.raised())

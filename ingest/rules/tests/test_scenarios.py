@@ -9,7 +9,7 @@ import pytest
 
 from ingest.findings import Finding
 from ingest.rules import PumpProfile, RuleEngine
-from ingest.rules.tests.simrun import Delivered, drive
+from ingest.rules.tests.simrun import Delivered, drive, profiles, run_engine
 from pumpfleet.contract import Message
 from sim_fleet import FleetMix, Pump, build_run, load_scenario, make_fleet
 
@@ -18,9 +18,7 @@ NOW = datetime(2026, 6, 1, 12, 0, tzinfo=UTC)
 
 
 def run_scenario(name: str) -> tuple[Delivered, list[str]]:
-    run = build_run(load_scenario(name), NOW)
-    delivered = drive(RuleEngine(), run.pumps, run.start, run.end)
-    return delivered, run.check(delivered.raised())
+    return run_engine(build_run(load_scenario(name), NOW))
 
 
 @pytest.fixture(scope="module")

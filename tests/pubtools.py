@@ -20,7 +20,7 @@ BASE_TIME = datetime.now(UTC).replace(microsecond=0) - timedelta(days=1)
 def telemetry(pump_id: str, seq: int, **over: object) -> bytes:
     """A valid telemetry payload; `over` replaces fields (may make it invalid on purpose)."""
     body: dict[str, object] = {
-        "v": 1,
+        "v": 2,
         "pump_id": pump_id,
         "time": (BASE_TIME + timedelta(seconds=seq)).isoformat(),
         "seq": seq,

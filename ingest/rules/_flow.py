@@ -170,7 +170,7 @@ class FlowState:
         self.counts: deque[array[float]] = deque()
         """[bucket start, delivered uL, scheduled uL, first reading s]"""
         self.counts_call: Call | None = None
-        self.counts_fig: dict[str, Any] = {}
+        self.counts_fig: tuple[float, float, float] = (0.0, 0.0, 0.0)
         self.trend: deque[tuple[float, Fit]] = deque()
         self.trend_x = 0.0
         self.trend_y0 = 0.0
@@ -231,14 +231,7 @@ def _counts(st: FlowState, p: Pump, m: Telemetry, t: float) -> None:
         return
     ratio = delivered / scheduled_ul
     st.counts_call = call_ratio(ratio, th.counts_quantum_ul / scheduled_ul, th)
-    st.counts_fig = {
-        "cause": "delivery_counts",
-        "delivered_ul": round(delivered, 1),
-        "scheduled_ul": round(scheduled_ul, 1),
-        "window_h": round(span / 3600.0, 1),
-        "deviation_pct": round((ratio - 1.0) * 100, 1),
-        "limit_pct": th.flow_accuracy * 100,
-    }
+    st.counts_fig = (delivered, scheduled_ul, span)  # made into figures only when reported
 
 
 def _trend(st: FlowState, p: Pump, m: Telemetry, t: float) -> None:
@@ -403,7 +396,7 @@ class OverInfusion(Rule):
         return _judge_flow(p, self.name, "over", False, th.over_infusion_priority, th)
 
     def describe(self, p: Pump, active: bool) -> tuple[str, dict[str, Any]]:
-        return _text(flow_state(p), active, "Over-infusion", "over")
+        return _text(flow_state(p), active, "Over-infusion", "over", p.th)
 
 
 class UnderInfusion(Rule):
@@ -433,14 +426,24 @@ class UnderInfusion(Rule):
                 f"(pump {details['pump_state']})",
                 details,
             )
-        return _text(st, active, "Under-infusion", "under")
+        return _text(st, active, "Under-infusion", "under", p.th)
 
 
-def _text(st: FlowState, active: bool, what: str, direction: str) -> tuple[str, dict[str, Any]]:
+def _text(
+    st: FlowState, active: bool, what: str, direction: str, th: Any
+) -> tuple[str, dict[str, Any]]:
     parts = []
     details: dict[str, Any] = {}
     if st.counts_call is not None:
-        f = st.counts_fig
+        delivered, scheduled, span = st.counts_fig
+        f = {
+            "cause": "delivery_counts",
+            "delivered_ul": round(delivered, 1),
+            "scheduled_ul": round(scheduled, 1),
+            "window_h": round(span / 3600.0, 1),
+            "deviation_pct": round((delivered / scheduled - 1.0) * 100, 1) if scheduled else 0.0,
+            "limit_pct": th.flow_accuracy * 100,
+        }
         details["delivery_counts"] = f
         parts.append(
             f"rotor/valve counts {f['delivered_ul']:.1f} uL against {f['scheduled_ul']:.1f} uL "
@@ -460,5 +463,5 @@ def _text(st: FlowState, active: bool, what: str, direction: str) -> tuple[str, 
     ]
     details["cause"] = fired[0] if fired else "none"
     text = "; ".join(parts) or "no window to judge"
-    limit = "limit +-14.5 %"
+    limit = f"limit +-{th.flow_accuracy * 100:.1f} %"
     return (f"{what}: {text} ({limit})" if active else f"{what} ended: {text}"), details

@@ -17,10 +17,10 @@ d = expected - withdrawn; on a calculated-volume pump this is the only place the
 
 pocket_fill: drug injected that the reservoir does not hold went beside the pump. Judged at the
 refill where the pump measures the volume after it (`reservoir_after_source: measured`; a v1
-event's volume after was entered): injected - after > 1 mL (20 mL pump) or 2 mL (40 mL). A calculated-volume pump takes the
-entered volume on trust, so a pocket fill there is invisible at the refill; it shows at the next
-refill's reconciliation as d about equal to the pocket volume (refill_discrepancy, which says
-so), or clinically.
+event's volume after was entered): injected - after > 1 mL (20 mL pump) or 2 mL (40 mL). A
+calculated-volume pump takes the entered volume on trust, so a pocket fill there is invisible at
+the refill; it shows at the next refill's reconciliation as d about equal to the pocket volume
+(refill_discrepancy, which says so), or clinically.
 """
 
 from __future__ import annotations

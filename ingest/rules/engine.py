@@ -86,6 +86,10 @@ class RuleEngine:
             ClinicDataMissing(),
         )
         self._by_name = {r.name: r for r in self.rules}
+        self._observers: tuple[Rule, ...] = tuple(
+            r for r in self.rules if type(r).observe is not Rule.observe
+        )
+        """Rules with state of their own to update: the others only judge the facts."""
         self._silence = self._by_name["telemetry_silence"]
         self._timed = tuple(r for r in self.rules if r.timed)
         missing = set(RULES) - set(self._by_name)
@@ -226,7 +230,7 @@ class RuleEngine:
             if heard_s > p.last_heard_s:
                 p.last_heard_s = heard_s
         self._facts(p, msg, t)
-        for rule in self.rules:
+        for rule in self._observers:
             rule.observe(p, msg, t)
         silence = self._silence
         for rule in self.rules:

@@ -61,7 +61,13 @@ from sim_fleet.model import (
 
 SCENARIO_DIR = Path(__file__).resolve().parent / "scenarios"
 
-Priority = Literal["high", "medium", "low"]
+Priority = Literal["high", "medium", "low", "info"]
+
+NOTICE_WITHIN = timedelta(hours=1)
+"""Standing notices (ingest.findings.NOTICES, info) are expected by this long after the start
+(they start at a pump's first reading): flow_not_observable on every calculated or valve pump,
+clinic_data_missing on every pump set up with `profile: false`. Anywhere else a notice is like
+any other alert: a strict run fails on it unless the scenario expects or allows it."""
 
 TIMELINE_TYPES: dict[str, type[Fault]] = {
     "motor_stall": MotorStallFault,
@@ -185,6 +191,11 @@ class PumpSetup(_Model):
 
     pump: PumpRef
     set: dict[str, Any] = Field(default_factory=dict)
+    profile: bool = Field(
+        default=True,
+        description="The clinic has confirmed this pump (a PumpProfile with its high-risk "
+        "status); false: no profile, so clinic_data_missing is expected.",
+    )
     expect: tuple[ExpectedAlertSpec, ...] = ()
     allow: tuple[Rule, ...] = ()
 
@@ -464,8 +475,15 @@ class SimRun:
     end: datetime
     pumps: list[Pump]
     expected: tuple[ExpectedAlert, ...]
+    """The scenario's expectations, then the standing notices each pump must get."""
     allowed: frozenset[tuple[str, str]]
     """(pump_id, rule) pairs that may fire without failing a strict run."""
+    no_profile: frozenset[str] = frozenset()
+    """Pumps the clinic has not confirmed: a transport gives the rules no profile for them."""
+
+    def has_profile(self, pump_id: str) -> bool:
+        """Whether the rules should get a confirmed clinic profile for this pump."""
+        return pump_id not in self.no_profile
 
     @property
     def speed(self) -> float | None:
@@ -555,6 +573,7 @@ def build_run(scenario: Scenario, now: datetime | None = None) -> SimRun:
                 ExpectedAlert(pump_id(target), exp.rule, exp.priority, at, at + exp.within, cause)
             )
 
+    no_profile: set[str] = set()
     for i, setup in enumerate(scenario.pumps):
         index = pump_index(setup.pump, n, f"pumps.{i}.pump")
         try:
@@ -563,6 +582,8 @@ def build_run(scenario: Scenario, now: datetime | None = None) -> SimRun:
             raise ScenarioError(f"{scenario.name}: {exc}") from None
         expect(index, setup.expect, start, f"pumps[{i}] set at the start")
         allowed.update((pump_id(index), rule) for rule in setup.allow)
+        if not setup.profile:
+            no_profile.add(pump_id(index))
 
     faults: list[list[Fault]] = [[] for _ in range(n)]
     for i, item in enumerate(scenario.timeline):
@@ -572,11 +593,24 @@ def build_run(scenario: Scenario, now: datetime | None = None) -> SimRun:
         expect(index, item.expect, at, f"timeline[{i}] {item.type} at +{item.at}")
         allowed.update((pump_id(index), rule) for rule in item.allow)
 
+    # Standing notices: what each pump's family and profile say the rules cannot watch.
+    due = start + min(NOTICE_WITHIN, scenario.duration)
+    for spec in specs:
+        notices = []
+        if spec.family != "measured":
+            notices.append(("flow_not_observable", f"standing notice: {spec.family} volume"))
+        if spec.pump_id in no_profile:
+            notices.append(("clinic_data_missing", "standing notice: no clinic profile"))
+        expected += [ExpectedAlert(spec.pump_id, r, "info", start, due, c) for r, c in notices]
+
     pumps = [Pump(spec, start, faults[i]) for i, spec in enumerate(specs)]
-    return SimRun(scenario, start, end, pumps, tuple(expected), frozenset(allowed))
+    return SimRun(
+        scenario, start, end, pumps, tuple(expected), frozenset(allowed), frozenset(no_profile)
+    )
 
 
 __all__ = [
+    "NOTICE_WITHIN",
     "RULES",
     "SCENARIO_DIR",
     "TIMELINE_TYPES",

@@ -1,7 +1,9 @@
 """End to end: the simulator's scenarios through the real broker, ingester (with alerting),
 database and Alertmanager. Each scenario must raise exactly the alerts it lists, at the right
-priority, within its deadlines (`pumpfleet sim run --check` judges that), and Alertmanager must
-receive, group and resolve them."""
+priority, within its deadlines, its standing notices included (`pumpfleet sim run --check`
+judges that), and Alertmanager must receive, group and resolve them. The clinic's registry
+holds a confirmed profile for every pump the scenario gives one (as `simrun.profiles` does in
+process), so only pumps set up with `profile: false` get clinic_data_missing."""
 
 from __future__ import annotations
 
@@ -14,12 +16,14 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import httpx
 import pytest
 
 from ingest.alerts.tests.helpers import Sink
 from pumpfleet import alertmanager, schema
 from pumpfleet import stack as stack_mod
+from sim_fleet import build_run, load_scenario
 
 pytestmark = pytest.mark.integration
 
@@ -94,12 +98,50 @@ def own_stack(tmp_path: Path) -> Iterator[stack_mod.StackInfo]:
         yield info
 
 
+_REGISTER = """
+INSERT INTO pumps (pump_id, clinic, reservoir_capacity_ml, concentration_mcg_per_ml,
+                   low_reservoir_alarm_ml, reporting_interval_s, high_risk, registered_by)
+VALUES ($1, $2, $3, $4, $5, $6, $7, 'operator')
+"""
+
+
+async def register_profiles(dsn: str, scenario: str) -> int:
+    """What the clinic confirmed: a registry row for every pump of the scenario that has a
+    profile (the ingester reads them at its start), none for those set up `profile: false`."""
+    run = build_run(load_scenario(scenario))
+    rows = [
+        (
+            p.pump_id,
+            p.spec.clinic,
+            p.spec.reservoir_capacity_ml,
+            p.spec.concentration_mcg_per_ml,
+            p.spec.low_reservoir_alarm_ml,
+            p.spec.reporting_interval_s,
+            p.spec.high_risk,
+        )
+        for p in run.pumps
+        if run.has_profile(p.pump_id)
+    ]
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.executemany(_REGISTER, rows)
+    finally:
+        await conn.close()
+    return len(rows)
+
+
 @pytest.fixture
 async def pipeline(
-    own_stack: stack_mod.StackInfo, am: alertmanager.Alertmanager, tmp_path: Path
+    request: pytest.FixtureRequest,
+    own_stack: stack_mod.StackInfo,
+    am: alertmanager.Alertmanager,
+    tmp_path: Path,
 ) -> Any:
+    """The pipeline, its registry holding the profiles of the scenario named by the test's
+    indirect parameter."""
     dsn = own_stack.database_url
     await schema.migrate(dsn)
+    assert await register_profiles(dsn, request.param) > 0
     p = Pipeline(own_stack, dsn, am.url, tmp_path / "ingest.log")
     try:
         await _until(p.healthy, 30, f"a healthy ingester (log: {p.log})")
@@ -108,6 +150,7 @@ async def pipeline(
         p.stop()
 
 
+@pytest.mark.parametrize("pipeline", ["faults"], indirect=True)
 async def test_fault_scenario_raises_exactly_its_alerts_and_alertmanager_has_them(
     pipeline: Pipeline, am: alertmanager.Alertmanager, sink: Sink
 ) -> None:
@@ -134,6 +177,12 @@ async def test_fault_scenario_raises_exactly_its_alerts_and_alertmanager_has_the
     pocket = next(a for a in alerts if a["labels"]["alertname"] == "pocket_fill")
     assert pocket["labels"]["priority"] == "high"
     assert pocket["annotations"]["summary"]
+    # P-000008 is measured (its sensor saw the pocket fill); P-000031, its calculated twin,
+    # carries the standing notice that says its flow is not independently observable.
+    listed = {(a["labels"]["alertname"], a["labels"]["pump_id"]) for a in alerts}
+    assert ("flow_not_observable", "P-000031") in listed
+    assert ("flow_not_observable", "P-000008") not in listed
+    assert not any(name == "clinic_data_missing" for name, _ in listed)
 
     async def grouped_and_resolved() -> bool:
         bodies = sink.bodies
@@ -146,7 +195,8 @@ async def test_fault_scenario_raises_exactly_its_alerts_and_alertmanager_has_the
     assert grouped, "Alertmanager never grouped two alerts into one notification"
 
 
-async def test_healthy_fleet_raises_nothing(pipeline: Pipeline) -> None:
+@pytest.mark.parametrize("pipeline", ["healthy"], indirect=True)
+async def test_healthy_fleet_raises_nothing_but_the_notices(pipeline: Pipeline) -> None:
     run = await asyncio.to_thread(
         pipeline.sim,
         "healthy",

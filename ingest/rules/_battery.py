@@ -45,7 +45,8 @@ class Battery(Rule):
             st.eri_since_s = msg.eri_since.timestamp()
             st.exact = True
         if not _eri(p):
-            st.last_non_eri_s = t
+            if isinstance(msg, Telemetry):  # only a reading says ERI is off (not a status)
+                st.last_non_eri_s = t
             st.eri_since_s = None
             st.exact = False
         elif st.eri_since_s is None and st.last_non_eri_s > -INF:
@@ -65,9 +66,11 @@ class Battery(Rule):
         if not (eri or eos):
             return ABSENT
         days = self.days_to_eos(p, t)
+        # Reported again when the pump's own ERI date replaces an inferred or unknown one.
+        key = self._st(p).exact
         if eos or (days is not None and days <= th.battery_high_days_to_eos):
-            return Verdict(th.battery_eos_priority, th.battery_on_s, th.battery_off_s)
-        return Verdict(th.battery_eri_priority, th.battery_on_s, th.battery_off_s)
+            return Verdict(th.battery_eos_priority, th.battery_on_s, th.battery_off_s, key)
+        return Verdict(th.battery_eri_priority, th.battery_on_s, th.battery_off_s, key)
 
     def due(self, p: Pump, after_s: float) -> float:
         """The moment 14 days to EOS is reached, even if the pump falls silent."""

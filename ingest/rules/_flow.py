@@ -52,10 +52,12 @@ Call = Literal["over", "under", "clear", "hold"]
 """A window's call: outside the label, clearly inside it, or in between (keep what is open)."""
 
 _COUNTS_BUCKET_S = 3600.0
+_DELIVERED_UL = 5.0
+"""A long window whose rotor counted less than this saw a stopped pump, not a noisy sensor."""
 _RESTART_GAP_INTERVALS = 6.0
 
 
-_N, _SX, _SY, _SXX, _SXY, _SYY, _FIRST, _LAST = range(8)
+_N, _SX, _SY, _SXX, _SXY, _SYY, _FIRST, _LAST, _XMIN, _XMAX = range(10)
 
 
 class Fit:
@@ -65,7 +67,7 @@ class Fit:
     __slots__ = ("s",)
 
     def __init__(self) -> None:
-        self.s = array("d", (0.0, 0.0, 0.0, 0.0, 0.0, 0.0, INF, -INF))
+        self.s = array("d", (0.0, 0.0, 0.0, 0.0, 0.0, 0.0, INF, -INF, INF, -INF))
 
     @property
     def n(self) -> int:
@@ -85,6 +87,8 @@ class Fit:
         s[_SYY] += y * y
         s[_FIRST] = min(s[_FIRST], t)
         s[_LAST] = max(s[_LAST], t)
+        s[_XMIN] = min(s[_XMIN], x)
+        s[_XMAX] = max(s[_XMAX], x)
 
     def merge(self, other: Fit) -> None:
         s, o = self.s, other.s
@@ -92,6 +96,13 @@ class Fit:
             s[i] += o[i]
         s[_FIRST] = min(s[_FIRST], o[_FIRST])
         s[_LAST] = max(s[_LAST], o[_LAST])
+        s[_XMIN] = min(s[_XMIN], o[_XMIN])
+        s[_XMAX] = max(s[_XMAX], o[_XMAX])
+
+    def x_range(self) -> float:
+        """Rotor uL counted across the window (readings are in rotor order: x only grows)."""
+        s = self.s
+        return s[_XMAX] - s[_XMIN] if s[_N] else 0.0
 
     def _centred(self) -> tuple[float, float, float] | None:
         s = self.s
@@ -272,8 +283,14 @@ def _trend(st: FlowState, p: Pump, m: Telemetry, t: float) -> None:
         if got is None:
             continue
         ratio, se = got
+        if window_s != th.trend_window_s and fit.x_range() < th.trend_short_min_rotor_ul:
+            continue
         if window_s == th.trend_window_s and se > th.trend_max_se:
-            st.trend_blind = True
+            # Too imprecise to call +-14.5 % either way: no verdict. Said out loud only where
+            # the pump delivered (a stopped rotor is not a noisy sensor).
+            if fit.x_range() >= _DELIVERED_UL:
+                st.trend_blind = True
+            continue
         call = call_ratio(ratio, t_quantile(th.trend_z, fit.n - 2) * se, th)
         fig = {
             "cause": "measured_trend",

@@ -109,7 +109,8 @@ def reconcile(book: RefillBook, m: Refill, capacity_ml: float | None, th: Any) -
         infused, infused_from = None, "unknown"
     limit = th.refill_discrepancy_ml
     if infused is not None and infused > 0:
-        limit = max(limit, th.refill_discrepancy_fraction * infused)
+        entry_ml = th.refill_entry_allowance_sd * th.refill_entry_sd_ml
+        limit = max(limit, th.refill_discrepancy_fraction * infused + entry_ml)
     outside = abs(d) > limit
     bias = book.learned_bias(th)
     change_limit = None

@@ -88,7 +88,17 @@ class Thresholds(BaseModel):
         default=0.75, gt=0, le=1, description="A window is judged once it is this full."
     )
     trend_z: float = Field(
-        default=3.0, gt=0, description="Confidence: the slope's bound at z standard errors."
+        default=3.5,
+        gt=0,
+        description="Confidence: the slope's bound at z standard errors (Student-t on few "
+        "readings). A pump is judged at every reading for years, so 3 would page a healthy "
+        "pump near the label edge every few weeks.",
+    )
+    trend_short_min_rotor_ul: float = Field(
+        default=50.0,
+        gt=0,
+        description="The short window judges only once the rotor counted this much in it: a "
+        "slow pump's 6 h holds too little drug to tell 14.5 % from a few uL of noise.",
     )
     trend_min_readings: int = Field(
         default=12,
@@ -155,6 +165,12 @@ class Thresholds(BaseModel):
     )
     refill_entry_sd_ml: float = Field(
         default=0.3, ge=0, description="Clinician's withdrawn-volume reading error (SD)."
+    )
+    refill_entry_allowance_sd: float = Field(
+        default=3.0,
+        ge=0,
+        description="The label's share of the infused volume is widened by this many reading "
+        "SDs: a pump at +14 % with a 0.3 mL misreading is still inside its label.",
     )
     refill_discrepancy_priority: Priority = "medium"
     refill_discrepancy_repeated_priority: Priority = "high"

@@ -25,8 +25,11 @@ seed: 2
 duration: 2d
 strict: true
 fleet: {n: 3}
-pumps:
+pumps:  # measured: no implicit standing notice (flow_not_observable) to insert as well
+  - {pump: 0, set: {family: measured}}
+  - {pump: 1, set: {family: measured}}
   - pump: 2
+    set: {family: measured}
     allow: [refill_due]
 timeline:
   - pump: 0

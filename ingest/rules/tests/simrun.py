@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import heapq
-from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -53,21 +52,26 @@ def drive(
     end: datetime,
     step: timedelta = timedelta(minutes=5),
     honour_flags: bool = True,
+    seqs: dict[str, int] | None = None,
 ) -> Delivered:
     """Advance the pumps to `end` in steps; deliver each observation at its simulated send time
     (+ its delay), twice if flagged duplicate, never if lost (its seq is still used); tick the
-    watchdog at every delivery and at the end of each step with the simulated time."""
+    watchdog at every delivery and at the end of each step with the simulated time.
+
+    `seqs`: each pump's next seq, updated; pass the same dict to a later `drive()` of the same
+    pumps (e.g. after a restart) so their seqs go on rising as a real pump's do. A pump whose
+    seqs start again at 0 with later times looks like one that lost its seq store."""
     pumps = list(pumps)
     out = Delivered()
-    seqs: dict[str, int] = defaultdict(int)
+    seqs = {} if seqs is None else seqs
     queue: list[tuple[datetime, int, Message]] = []
     n = 0
     t = start
     while t < end:
         t = min(t + step, end)
         for pid, obs in advance_fleet(pumps, t):
-            seq = seqs[pid]
-            seqs[pid] += 1
+            seq = seqs.get(pid, 0)
+            seqs[pid] = seq + 1
             if honour_flags and obs.lost:
                 continue
             msg = obs.to_message(pid, seq)

@@ -31,6 +31,8 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
 from pumpfleet import alertmanager, contract, schema, stack
+from sim_fleet import build_run, load_scenario
+from sim_fleet import check as checking
 
 RUN_DIR = Path(os.environ.get("PUMPFLEET_RUN_DIR", ".pumpfleet"))
 PUMPS = ["AG-000001", "AG-000002", "AG-000003"]
@@ -182,6 +184,12 @@ def main() -> None:
     step("applying migrations (pumpfleet db migrate)")
     applied = asyncio.run(schema.migrate(info.database_url))
     print(f"   {len(applied)} applied now: {', '.join(m.name for m in applied) or 'up to date'}")
+
+    step("registering the faults scenario's pumps as their clinic would (pumpfleet sim register)")
+    faults = build_run(load_scenario("faults"))
+    n = asyncio.run(checking.register_pumps(info.database_url, faults))
+    unregistered = len(faults.pumps) - n
+    print(f"   {n} pumps with a clinic profile; {unregistered} left without one on purpose")
 
     step("starting Prometheus Alertmanager")
     am = alertmanager.start(RUN_DIR / "alertmanager", "http://127.0.0.1:9/none")

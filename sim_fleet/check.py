@@ -104,9 +104,49 @@ async def _connect(dsn: str) -> asyncpg.Connection:
         return await asyncpg.connect(dsn, timeout=10)
     except (TimeoutError, OSError) as exc:
         raise CheckError(
-            f"cannot reach the database for --check ({exc}); is the stack running? "
+            f"cannot reach the database ({exc}); is the stack running? "
             "start it with `pumpfleet stack up`, or set PUMPFLEET_DATABASE_URL"
         ) from None
+
+
+_REGISTER = """
+INSERT INTO pumps (pump_id, clinic, reservoir_capacity_ml, concentration_mcg_per_ml,
+                   low_reservoir_alarm_ml, reporting_interval_s, high_risk, registered_by)
+VALUES ($1, $2, $3, $4, $5, $6, $7, 'operator')
+ON CONFLICT (pump_id) DO UPDATE SET
+    clinic = EXCLUDED.clinic,
+    reservoir_capacity_ml = EXCLUDED.reservoir_capacity_ml,
+    concentration_mcg_per_ml = EXCLUDED.concentration_mcg_per_ml,
+    low_reservoir_alarm_ml = EXCLUDED.low_reservoir_alarm_ml,
+    reporting_interval_s = EXCLUDED.reporting_interval_s,
+    high_risk = EXCLUDED.high_risk,
+    registered_by = 'operator'
+"""
+
+
+async def register_pumps(dsn: str, run: SimRun) -> int:
+    """What the clinic confirmed: a registry row for every pump of the run that has a profile
+    (alerting reads the registry at its start and every minute), none for those set up
+    `profile: false`, which must get the clinic_data_missing notice. Returns the rows written."""
+    rows = [
+        (
+            p.pump_id,
+            p.spec.clinic,
+            p.spec.reservoir_capacity_ml,
+            p.spec.concentration_mcg_per_ml,
+            p.spec.low_reservoir_alarm_ml,
+            p.spec.reporting_interval_s,
+            p.spec.high_risk,
+        )
+        for p in run.pumps
+        if run.has_profile(p.pump_id)
+    ]
+    conn = await _connect(dsn)
+    try:
+        await conn.executemany(_REGISTER, rows)
+    finally:
+        await conn.close()
+    return len(rows)
 
 
 async def alert_baseline(dsn: str) -> int:

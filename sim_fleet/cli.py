@@ -131,6 +131,11 @@ def register(subparsers: Any) -> None:
     p = sim.add_parser("list", help=text, description=text)
     p.set_defaults(handler=sim_list)
 
+    text = "write a scenario's pumps into the registry as their clinic would (profiles)"
+    p = sim.add_parser("register", help=text, description=text)
+    p.add_argument("scenario", help="a shipped scenario's name (see `sim list`) or a YAML file")
+    p.set_defaults(handler=sim_register)
+
     text = (
         "print the detection table: each fault on each pump family, straight into the rule "
         "engine: detected or not, by which rule, priority, and time from onset to alert"
@@ -459,7 +464,17 @@ def sim_list(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-# sim detect, sim year -----------------------------------------------------------------------------
+# sim register, sim detect, sim year -----------------------------------------------------------
+
+
+def sim_register(args: argparse.Namespace, settings: Settings) -> int:
+    try:
+        run = build_run(load_scenario(args.scenario))
+    except ScenarioError as exc:
+        raise UsageError(str(exc)) from None
+    n = _db(checking.register_pumps(settings.database_url.get_secret_value(), run))
+    print(f"{n} pumps of {args.scenario} registered with a clinic profile")
+    return 0
 
 
 def sim_detect(args: argparse.Namespace, settings: Settings) -> int:

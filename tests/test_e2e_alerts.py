@@ -16,7 +16,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import asyncpg
 import httpx
 import pytest
 
@@ -24,6 +23,7 @@ from ingest.alerts.tests.helpers import Sink
 from pumpfleet import alertmanager, schema
 from pumpfleet import stack as stack_mod
 from sim_fleet import build_run, load_scenario
+from sim_fleet import check as checking
 
 pytestmark = pytest.mark.integration
 
@@ -98,36 +98,8 @@ def own_stack(tmp_path: Path) -> Iterator[stack_mod.StackInfo]:
         yield info
 
 
-_REGISTER = """
-INSERT INTO pumps (pump_id, clinic, reservoir_capacity_ml, concentration_mcg_per_ml,
-                   low_reservoir_alarm_ml, reporting_interval_s, high_risk, registered_by)
-VALUES ($1, $2, $3, $4, $5, $6, $7, 'operator')
-"""
-
-
 async def register_profiles(dsn: str, scenario: str) -> int:
-    """What the clinic confirmed: a registry row for every pump of the scenario that has a
-    profile (the ingester reads them at its start), none for those set up `profile: false`."""
-    run = build_run(load_scenario(scenario))
-    rows = [
-        (
-            p.pump_id,
-            p.spec.clinic,
-            p.spec.reservoir_capacity_ml,
-            p.spec.concentration_mcg_per_ml,
-            p.spec.low_reservoir_alarm_ml,
-            p.spec.reporting_interval_s,
-            p.spec.high_risk,
-        )
-        for p in run.pumps
-        if run.has_profile(p.pump_id)
-    ]
-    conn = await asyncpg.connect(dsn)
-    try:
-        await conn.executemany(_REGISTER, rows)
-    finally:
-        await conn.close()
-    return len(rows)
+    return await checking.register_pumps(dsn, build_run(load_scenario(scenario)))
 
 
 @pytest.fixture

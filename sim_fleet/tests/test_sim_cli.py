@@ -46,7 +46,9 @@ def offline(tmp_path: Path) -> Settings:
     [
         (["run", "no-such-scenario"], "no scenario file 'no-such-scenario'; give a path or one of"),
         (["run", "faults"], "cannot connect to the MQTT broker at mqtt://127.0.0.1"),
-        (["run", "faults", "--check"], "cannot reach the database for --check"),
+        (["run", "faults", "--check"], "cannot reach the database"),
+        (["register", "faults"], "cannot reach the database"),
+        (["register", "nosuch"], "no scenario file"),
         (["run", "faults", "--inflight", "70000"], "--inflight in 1..65535"),
         (["load", "--inflight", "70000"], "--inflight must be in 1..65535"),
         (["load", "--pumps", "2", "--processes", "2", "--connections", "2"], "more connections"),

@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from ingest.rules._facts import ABSENT, Pump, Rule, Verdict
-from pumpfleet.contract import Message, PumpAlarm
+from pumpfleet.contract import PumpAlarm
 
 CRITICAL = frozenset(
     {
@@ -104,6 +104,3 @@ class NoncriticalPumpAlarm(Rule):
             "Pump alarm: " + ", ".join(n.replace("_", " ") for n in names) + " (therapy continues)",
             details,
         )
-
-    def observe(self, p: Pump, msg: Message, t: float) -> None:
-        return None

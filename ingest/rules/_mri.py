@@ -39,23 +39,10 @@ class PostMri(Rule):
 
     def observe(self, p: Pump, msg: Message, t: float) -> None:
         if isinstance(msg, MriStart):
-            scan = self._scan(p) or _Scan()
-            if not p.mri_active:
-                scan.start_s = t
-            scan.end_s = None
-            scan.seq = max(scan.seq, msg.seq)
-            p.state[self.name] = scan
-            p.mri_active = True
+            self._scanning(p, msg.seq, t, end_s=None)
         elif isinstance(msg, MriEnd):
-            if msg.seq < p.recovery_seq:
-                return  # the rotor already recovered after this scan
-            scan = self._scan(p) or _Scan()
-            if not p.mri_active:
-                scan.start_s = t
-            scan.end_s = t
-            scan.seq = max(scan.seq, msg.seq)
-            p.state[self.name] = scan
-            p.mri_active = True
+            if msg.seq >= p.recovery_seq:  # else the rotor already recovered after this scan
+                self._scanning(p, msg.seq, t, end_s=t)
         elif p.mri_active:
             current = self._scan(p)
             seq_after = current is not None and msg.seq > current.seq
@@ -68,6 +55,16 @@ class PostMri(Rule):
                 and p.delivering
             ):
                 self._recovered(p)
+
+    def _scanning(self, p: Pump, seq: int, t: float, end_s: float | None) -> None:
+        """A scan starts (`end_s` None) or ends; an end with no start seen starts it too."""
+        scan = self._scan(p) or _Scan()
+        if not p.mri_active:
+            scan.start_s = t
+        scan.end_s = end_s
+        scan.seq = max(scan.seq, seq)
+        p.state[self.name] = scan
+        p.mri_active = True
 
     def _recovered(self, p: Pump) -> None:
         p.mri_active = False

@@ -1,12 +1,13 @@
 """`make demo`: the pipeline end to end on this machine, with real mosquitto and PostgreSQL.
 
-1. starts a clean local stack (`pumpfleet stack up`), applies the migrations, and starts a
-   Prometheus Alertmanager;
+1. starts a clean local stack (`pumpfleet stack up`), applies the migrations, registers the
+   scenario's pumps as their clinic would, and starts a Prometheus Alertmanager;
 2. starts the ingester with alerting;
 3. runs a few pump agents on simulated pumps at high clock speed;
 4. publishes a malformed, a spoofed and an out-of-range message by hand;
-5. runs the `faults` scenario (28 pumps, two simulated days, one fault per pump) through the
-   broker and checks that exactly the expected alerts were raised;
+5. runs the `faults` scenario (36 pumps of three families, two simulated days, one fault or
+   control per pump) through the broker and checks that exactly the expected alerts were
+   raised, the standing notices of the pumps that cannot be watched fully among them;
 6. shows what reached the database (rows, newest readings, dead letters with their reasons), the
    open alerts as on-call sees them, and what Alertmanager holds.
 The stack stays up afterwards so you can look around; `pumpfleet stack down` stops it.
@@ -242,7 +243,10 @@ def main() -> None:
         publish_by_hand(info)
         asyncio.run(wait_dead_letters(info.database_url, 3))
 
-        step("running the `faults` scenario: 28 pumps, two simulated days in about a minute")
+        step(
+            f"running the `faults` scenario: {len(faults.pumps)} pumps, two simulated days in "
+            "about a minute"
+        )
         run = subprocess.run(
             [
                 sys.executable,

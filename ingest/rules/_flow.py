@@ -90,6 +90,15 @@ class Fit:
         s[_XMIN] = min(s[_XMIN], x)
         s[_XMAX] = max(s[_XMAX], x)
 
+    def subtract(self, other: Fit, first: Fit) -> None:
+        """Take a bucket that left the window out of running sums; `first` is the oldest one
+        still in (where the window now starts)."""
+        s, o = self.s, other.s
+        for i in range(_FIRST):
+            s[i] -= o[i]
+        s[_FIRST] = first.s[_FIRST]
+        s[_XMIN] = first.s[_XMIN]
+
     def merge(self, other: Fit) -> None:
         s, o = self.s, other.s
         for i in range(_FIRST):
@@ -171,6 +180,7 @@ class FlowState:
         "trend_call",
         "trend_fig",
         "trend_restart",
+        "trend_whole",
         "trend_x",
         "trend_y0",
         "zero_since_s",
@@ -183,6 +193,8 @@ class FlowState:
         self.counts_call: Call | None = None
         self.counts_fig: tuple[float, float, float] = (0.0, 0.0, 0.0)
         self.trend: deque[tuple[float, Fit]] = deque()
+        self.trend_whole: Fit | None = None
+        """The long window's sums at the last reading (it predicts the next one)."""
         self.trend_x = 0.0
         self.trend_y0 = 0.0
         self.trend_restart = True
@@ -249,6 +261,7 @@ def _trend(st: FlowState, p: Pump, m: Telemetry, t: float) -> None:
     th = p.th
     if m.source is not ReservoirSource.MEASURED:
         st.trend.clear()
+        st.trend_whole = None
         st.trend_restart = True
         st.trend_call = None
         st.trend_blind = False
@@ -262,8 +275,8 @@ def _trend(st: FlowState, p: Pump, m: Telemetry, t: float) -> None:
         # leaves its interval to the next one, at that one's rate.
         st.trend_x += m.delivered_ul_per_h * gap / 3600.0
         y = (y_ml - st.trend_y0) * 1000.0
-        whole = _window(st, t, th.trend_window_s, th.trend_bucket_s)
-        predicted = whole.predict(st.trend_x) if whole is not None else None
+        # The fit up to the previous reading predicts this one.
+        predicted = st.trend_whole.predict(st.trend_x) if st.trend_whole is not None else None
         if predicted is not None and y - predicted > th.trend_jump_ml * 1000.0:
             _restart(st, y_ml)  # a refill whose event was lost
     y = (y_ml - st.trend_y0) * 1000.0
@@ -271,12 +284,21 @@ def _trend(st: FlowState, p: Pump, m: Telemetry, t: float) -> None:
     if not st.trend or st.trend[-1][0] != start:
         st.trend.append((start, Fit()))
     st.trend[-1][1].add(t, st.trend_x, y)
+    # The long window's sums run along (O(1) a reading); the short one merges its few buckets.
+    whole = st.trend_whole
+    if whole is None:
+        whole = st.trend_whole = Fit()
+    whole.add(t, st.trend_x, y)
     while st.trend and st.trend[0][0] + th.trend_bucket_s <= t - th.trend_window_s:
-        st.trend.popleft()
+        _, gone = st.trend.popleft()
+        whole.subtract(gone, st.trend[0][1])
     st.trend_blind = False
     judged: list[tuple[Call, dict[str, Any], float]] = []
     for window_s in (th.trend_short_window_s, th.trend_window_s):
-        fit = _window(st, t, window_s, th.trend_bucket_s)
+        if window_s == th.trend_window_s:
+            fit = st.trend_whole
+        else:
+            fit = _window(st, t, window_s, th.trend_bucket_s)
         if fit is None or t - fit.first_s < th.trend_min_span_fraction * window_s:
             continue
         got = fit.slope() if fit.n >= th.trend_min_readings else None
@@ -316,16 +338,18 @@ def _trend(st: FlowState, p: Pump, m: Telemetry, t: float) -> None:
 
 def _restart(st: FlowState, y_ml: float) -> None:
     st.trend.clear()
+    st.trend_whole = None
     st.trend_x = 0.0
     st.trend_y0 = y_ml
     st.trend_restart = False
 
 
 def _window(st: FlowState, t: float, window_s: float, bucket_s: float) -> Fit | None:
+    """The sums of the buckets inside the newest `window_s` (newest first: stops early)."""
     fit: Fit | None = None
-    for start, bucket in st.trend:
+    for start, bucket in reversed(st.trend):
         if start + bucket_s <= t - window_s:
-            continue
+            break
         if fit is None:
             fit = Fit()
         fit.merge(bucket)
@@ -363,6 +387,7 @@ def observe_flow(p: Pump, msg: Message, t: float) -> None:
         st.zero_since_s, st.zero_ul = INF, 0.0
         st.trend_restart = True  # the reservoir trend starts again from the next reading
         st.trend.clear()
+        st.trend_whole = None
         st.trend_call = None
     elif isinstance(msg, MotorStallRecovery):
         st.no_delivery = False

@@ -676,3 +676,18 @@ def test_thresholds_change_what_fires() -> None:
     feed = Feed(RuleEngine(strict), dose_mcg_per_day=400.0)
     feed.hours(1)
     assert only(feed.reprogram(440.0), "large_dose_change") == [(True, "low")]
+
+
+def test_the_running_trend_sums_match_a_fresh_sum_of_the_window() -> None:
+    from ingest.rules._flow import _window
+
+    feed = Feed(noise_ul=3.0)
+    feed.hours(24 * 20)
+    st = feed.engine._pumps["P-000001"].state["flow"]
+    th = feed.engine.thresholds
+    fresh = _window(st, feed.now.timestamp(), th.trend_window_s, th.trend_bucket_s)
+    assert fresh is not None and st.trend_whole is not None
+    running, merged = st.trend_whole.slope(), fresh.slope()
+    assert running is not None and merged is not None
+    assert running == pytest.approx(merged, rel=1e-6)  # float sums drift, far below noise
+    assert st.trend_whole.n == fresh.n

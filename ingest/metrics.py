@@ -61,6 +61,7 @@ class Stats:
     written: int = 0
     dead_lettered: int = 0
     duplicates: int = 0
+    statuses_superseded: int = 0
     stale_acks_skipped: int = 0
     registered_pumps: int = 0
     db_errors: int = 0
@@ -83,6 +84,7 @@ class Stats:
         self.written += len(result.new)
         self.dead_lettered += result.dead_letters
         self.duplicates += result.duplicates
+        self.statuses_superseded += result.statuses_superseded
         self.stale_acks_skipped += stale
         self.registered_pumps += len(result.registered)
         self.batch_size.observe(len(batch))
@@ -96,6 +98,7 @@ class Stats:
             "written": self.written,
             "dead_lettered": self.dead_lettered,
             "duplicates": self.duplicates,
+            "statuses_superseded": self.statuses_superseded,
             "batches": self.batches,
             "db_errors": self.db_errors,
         }
@@ -112,6 +115,11 @@ class _Collector:
             ("messages_written", s.written, "Messages stored for the first time"),
             ("messages_dead_lettered", s.dead_lettered, "Rejected messages kept in dead_letter"),
             ("duplicates_dropped", s.duplicates, "Redelivered messages already stored"),
+            (
+                "statuses_superseded",
+                s.statuses_superseded,
+                "Statuses no newer than the stored one (retained statuses come again)",
+            ),
             (
                 "stale_acks_skipped",
                 s.stale_acks_skipped,

@@ -302,6 +302,7 @@ class Ingester:
                 one = await write_batch(conn, [], [refused])
             total.new += one.new
             total.duplicates += one.duplicates
+            total.statuses_superseded += one.statuses_superseded
             total.dead_letters += one.dead_letters
         return total
 

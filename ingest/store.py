@@ -109,6 +109,11 @@ class WriteResult:
     """Messages stored by this batch for the first time, in batch order."""
     duplicates: int = 0
     dead_letters: int = 0
+    statuses_superseded: int = 0
+    """Statuses no newer than the one stored: retained statuses come again at every
+    resubscribe, and an older one may arrive late. Kept out of `duplicates` (they are not
+    redeliveries of a stored row) but counted, so received = written + dead letters +
+    duplicates + statuses superseded."""
     registered: list[str] = field(default_factory=list)
 
 
@@ -229,6 +234,8 @@ async def write_batch(
     for msg in unique:
         if (msg.pump_id, msg.seq) in new_keys:
             result.new.append(msg)
-        elif msg.kind != "status":  # a status older than the stored one is no duplicate
+        elif msg.kind == "status":
+            result.statuses_superseded += 1
+        else:
             result.duplicates += 1
     return result

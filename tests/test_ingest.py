@@ -5,6 +5,7 @@ Every test counts rows in the database."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import subprocess
@@ -13,6 +14,7 @@ import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -367,3 +369,32 @@ async def test_message_the_database_refuses_is_dead_lettered_not_retried_forever
     )
     assert reason == 1
     assert ing.stats.dead_lettered == 1
+
+
+async def test_every_received_message_has_one_outcome_statuses_included(
+    stack: stack_mod.StackInfo, db_url: str, client_ids: Any
+) -> None:
+    """received = written + dead lettered + duplicates + statuses superseded, also when a
+    status comes again (retained, on every resubscribe) or an older one arrives late."""
+
+    def status(pump_id: str, seq: int, online: bool) -> tuple[str, bytes]:
+        now = datetime.now(UTC).isoformat()
+        body = {"v": 2, "pump_id": pump_id, "time": now, "seq": seq, "online": online}
+        return contract.topic(pump_id, "status"), json.dumps(body).encode()
+
+    pump = f"S-{uuid.uuid4().hex[:6]}"
+    msgs = [status(pump, 5, True), status(pump, 5, True), status(pump, 3, False)]
+    msgs += stream(pumps=1, per_pump=4)  # and some telemetry beside them
+    async with running(settings_for(stack, db_url, client_ids())) as ing:
+        await asyncio.to_thread(publish, stack, msgs)
+        s = ing.stats
+
+        async def settled() -> bool:
+            return (
+                s.received >= len(msgs)
+                and s.received == s.written + s.dead_lettered + s.duplicates + s.statuses_superseded
+            )
+
+        await until(settled, 30, "every message counted once")
+        assert s.statuses_superseded >= 1  # the older seq 3 (the copy of 5 is a duplicate)
+    assert await count(db_url, f"SELECT count(*) FROM pump_status WHERE pump_id = '{pump}'") == 1

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -186,6 +187,21 @@ def user_error(exc: BaseException) -> str | None:
         return str(exc)
     if isinstance(exc, ValidationError):
         return "bad configuration: " + contract.describe(exc)
+    import tomllib
+
+    if isinstance(exc, tomllib.TOMLDecodeError):
+        config = os.environ.get("PUMPFLEET_CONFIG", "pumpfleet.toml")
+        return f"{config} does not parse: {exc}; fix the file (TOML) or set PUMPFLEET_CONFIG"
+    if isinstance(
+        exc, FileNotFoundError | IsADirectoryError | PermissionError | NotADirectoryError
+    ):
+        what = {
+            FileNotFoundError: "no such file",
+            IsADirectoryError: "a directory, not a file",
+            PermissionError: "not readable",
+            NotADirectoryError: "a path through a file",
+        }[type(exc)]
+        return f"{exc.filename}: {what}; give the path of a readable file"
     if isinstance(exc, ConnectionRefusedError | OSError) and "onnect" in str(exc):
         return (
             f"cannot connect ({exc}); is the stack running? start it with "
@@ -199,6 +215,10 @@ def user_error(exc: BaseException) -> str | None:
         return f"database refused the credentials: {exc}; check PUMPFLEET_DATABASE_URL"
     if isinstance(exc, asyncpg.InvalidCatalogNameError):
         return f"{exc}; check the database name in PUMPFLEET_DATABASE_URL"
+    if isinstance(exc, asyncpg.UndefinedTableError):
+        return f"the database has no pumpfleet schema ({exc}); run `pumpfleet db migrate` first"
+    if isinstance(exc, asyncpg.exceptions._base.ClientConfigurationError):
+        return f"bad database URL: {exc}; check PUMPFLEET_DATABASE_URL"
     return None
 
 

@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, SecretStr, model_validator
+from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -130,6 +130,18 @@ class Settings(BaseSettings):
     ingest: IngestSettings = IngestSettings()
     alerts: AlertSettings = AlertSettings()
     log_level: str = "INFO"
+
+    @field_validator("database_url")
+    @classmethod
+    def _postgres_url(cls, value: SecretStr) -> SecretStr:
+        url = value.get_secret_value()
+        scheme = url.split("://", 1)[0] if "://" in url else ""
+        if scheme not in ("postgresql", "postgres"):
+            raise ValueError(
+                "is not a PostgreSQL URL (postgresql://user@host:port/database); check "
+                "PUMPFLEET_DATABASE_URL or database_url in pumpfleet.toml"
+            )
+        return value
 
     @classmethod
     def settings_customise_sources(

@@ -73,6 +73,8 @@ class Ingester:
         self._buf: deque[_Item] = deque()
         self._gen = 0
         self._connected = threading.Event()
+        self._broker_lost = False
+        """An outage is logged once when it starts and once when it ends."""
         self._accepting = True
         self._wake = asyncio.Event()
         self._stopping = asyncio.Event()
@@ -106,6 +108,7 @@ class Ingester:
             )
         client.reconnect_delay_set(min_delay=1, max_delay=30)
         client.on_connect = self._on_connect
+        client.on_connect_fail = self._on_connect_fail
         client.on_disconnect = self._on_disconnect
         client.on_pre_connect = self._on_pre_connect
         client.on_message = self._on_message
@@ -128,6 +131,9 @@ class Ingester:
         if reason.is_failure:
             log.error("broker refused connection", extra={"reason": str(reason)})
             return
+        if self._broker_lost:
+            self._broker_lost = False
+            log.info("broker reachable again", extra={"url": self.settings.mqtt.url})
         log.info("broker connected", extra={"session_present": flags.session_present})
         if flags.session_present:
             self._connected.set()
@@ -135,6 +141,15 @@ class Ingester:
             sub = contract.subscription(shared_group=self.cfg.shared_group)
             client.subscribe(sub, qos=1)
             log.info("subscribing", extra={"filter": sub})
+
+    def _on_connect_fail(self, client: mqtt.Client, userdata: object) -> None:
+        """Once per outage, not once per retry: the log says the broker is gone, and when back."""
+        if not self._broker_lost:
+            self._broker_lost = True
+            log.warning(
+                "broker unreachable; retrying every 1-30 s",
+                extra={"url": self.settings.mqtt.url},
+            )
 
     def _on_subscribe(
         self,
@@ -160,7 +175,8 @@ class Ingester:
         with self._lock:
             self._gen += 1
         self._connected.clear()
-        if not self._stopping.is_set():
+        if not self._stopping.is_set() and not self._broker_lost:
+            self._broker_lost = True
             log.warning("broker connection lost; reconnecting", extra={"reason": str(reason)})
 
     def _on_message(self, client: mqtt.Client, userdata: object, message: mqtt.MQTTMessage) -> None:

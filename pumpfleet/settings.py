@@ -32,6 +32,23 @@ class MqttSettings(BaseModel):
     tls_key: Path | None = None
     keepalive_s: int = Field(default=30, ge=5, le=3600)
 
+    @field_validator("url")
+    @classmethod
+    def _mqtt_url(cls, value: str) -> str:
+        import urllib.parse
+
+        parts = urllib.parse.urlsplit(value)
+        try:
+            port_ok = parts.port is None or 0 < parts.port < 65536
+        except ValueError:
+            port_ok = False
+        if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname or not port_ok:
+            raise ValueError(
+                f"{value!r} is not mqtt://host:port or mqtts://host:port; check "
+                "PUMPFLEET_MQTT__URL or [mqtt] url in pumpfleet.toml"
+            )
+        return value
+
 
 class IngestSettings(BaseModel):
     client_id: str = "pumpfleet-ingest-1"

@@ -212,9 +212,9 @@ def _broker(settings: Settings, name: str) -> BrokerOptions:
 class _Line:
     """A live status line: rewritten in place on a terminal, a log line every 10 s otherwise."""
 
-    def __init__(self, stream: TextIO = sys.stderr) -> None:
-        self.stream = stream
-        self.tty = stream.isatty()
+    def __init__(self, stream: TextIO | None = None) -> None:
+        self.stream = stream if stream is not None else sys.stderr
+        self.tty = self.stream.isatty()
         self._logged = time.monotonic()
         self._shown = False
 

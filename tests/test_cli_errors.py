@@ -52,3 +52,11 @@ def test_a_database_never_migrated(
     monkeypatch.setenv("PUMPFLEET_DATABASE_URL", database_url)
     err = _one_line(capsys, ["alerts", "list"])
     assert "pumpfleet db migrate" in err
+
+
+def test_a_broker_url_that_is_not_a_url(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PUMPFLEET_MQTT__URL", "notaurl")
+    err = _one_line(capsys, ["ingest"])
+    assert "not mqtt://host:port" in err and "PUMPFLEET_MQTT__URL" in err

@@ -398,3 +398,34 @@ async def test_every_received_message_has_one_outcome_statuses_included(
         await until(settled, 30, "every message counted once")
         assert s.statuses_superseded >= 1  # the older seq 3 (the copy of 5 is a duplicate)
     assert await count(db_url, f"SELECT count(*) FROM pump_status WHERE pump_id = '{pump}'") == 1
+
+
+async def test_an_unreachable_broker_is_logged_once_when_lost_and_once_when_back(
+    broker: stack_mod.StackInfo,
+    db_url: str,
+    client_ids: Any,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level("INFO", logger="pumpfleet.ingest")
+    stack_mod.stop_broker(broker)
+    ingester = Ingester(settings_for(broker, db_url, client_ids()))
+    task = asyncio.create_task(ingester.run())
+
+    def said(text: str) -> int:
+        return sum(1 for r in caplog.records if r.getMessage().startswith(text))
+
+    try:
+        await until(lambda: _true(said("broker unreachable") == 1), 20, "the outage logged")
+        first = ingester._gen  # one more per connection attempt
+        await until(lambda: _true(ingester._gen >= first + 2), 30, "two more attempts")
+        stack_mod.start_broker(broker)
+        await until(lambda: _true(said("broker reachable again") == 1), 60, "the return logged")
+        await ingester.wait_connected(20)
+        assert said("broker unreachable") == 1  # once per outage, not once per retry
+    finally:
+        ingester.stop()
+        await asyncio.wait_for(task, timeout=60)
+
+
+async def _true(value: bool) -> bool:
+    return value

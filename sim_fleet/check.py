@@ -20,12 +20,14 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime
 
 import asyncpg
 
+from ingest.findings import NOTICES
 from sim_fleet.scenario import ExpectedAlert, RaisedAlert, SimRun
 
 __all__ = ["CheckResult", "alert_baseline", "evaluate", "fetch_raised", "wait_for_alerts"]
@@ -56,7 +58,11 @@ class CheckResult:
             f"{len(self.unexpected)} unexpected{'' if self.strict else ' (not strict)'}, "
             f"{self.raised} alert transitions read after {self.waited_s:.0f} s"
         ]
+        notices: Counter[str] = Counter()
         for e, a in self.outcomes:
+            if a is not None and e.rule in NOTICES:
+                notices[e.rule] += 1  # one per pump that cannot be watched fully: summed below
+                continue
             if a is None:
                 out.append(
                     f"  MISSED      {e.pump_id} {e.rule} ({e.priority}) between "
@@ -68,6 +74,8 @@ class CheckResult:
                     f"  met         {e.pump_id} {e.rule} ({e.priority}) at {_t(a.time)}, "
                     f"{_duration(late)} after {_t(e.after)}  [{e.cause}]"
                 )
+        for rule, n in sorted(notices.items()):
+            out.append(f"  met         {rule} (info) on {n} pumps, as their family or profile says")
         for a in self.unexpected:
             label = "UNEXPECTED " if self.strict else "unexpected "
             out.append(f"  {label} {a.pump_id} {a.rule} ({a.priority}) at {_t(a.time)}")

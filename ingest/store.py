@@ -3,6 +3,13 @@
 Telemetry and events go in with `INSERT ... SELECT FROM unnest(...) ON CONFLICT DO NOTHING
 RETURNING` (COPY has no ON CONFLICT): a redelivered message hits the (pump_id, time, seq) key and
 is dropped, and RETURNING says which rows are new, so only those reach the alert rules.
+
+The dedup key is (pump_id, time, seq), in the table and inside a batch alike. A message with a
+stored seq but another device time is not a redelivery (a redelivery carries the same bytes): it
+is an agent that lost its seq store and counts again, or a replay from elsewhere. It is stored,
+whatever the batching, and the rules treat an old seq with a newer time as an agent that started
+its seqs again (ingest/rules/README.md, "Clocks, order, restarts").
+
 Dead letters go in the same transaction, so one commit covers every message of the batch and
 the broker is acknowledged for all of them at once.
 """
@@ -52,9 +59,10 @@ WITH ins AS (
     INSERT INTO telemetry ({", ".join(_TELEMETRY_COLUMNS)})
     SELECT {", ".join(_TELEMETRY_COLUMNS)} FROM {_STAGE}
     ON CONFLICT DO NOTHING
-    RETURNING pump_id, seq)
+    RETURNING pump_id, time, seq)
 SELECT count(*)::int,
        CASE WHEN count(*) < $1 THEN array_agg(pump_id) END,
+       CASE WHEN count(*) < $1 THEN array_agg(time) END,
        CASE WHEN count(*) < $1 THEN array_agg(seq) END
 FROM ins
 """
@@ -63,7 +71,7 @@ _EVENTS_SQL = """
 INSERT INTO events (time, pump_id, seq, event, body)
 SELECT * FROM unnest($1::timestamptz[], $2::text[], $3::int8[], $4::text[], $5::jsonb[])
 ON CONFLICT DO NOTHING
-RETURNING pump_id, seq
+RETURNING pump_id, time, seq
 """
 
 _STATUS_SQL = """
@@ -73,7 +81,7 @@ ON CONFLICT (pump_id) DO UPDATE
     SET online = EXCLUDED.online, reason = EXCLUDED.reason, time = EXCLUDED.time,
         seq = EXCLUDED.seq, received_at = now()
     WHERE (s.time, s.seq) < (EXCLUDED.time, EXCLUDED.seq)
-RETURNING pump_id, seq
+RETURNING pump_id, time, seq
 """
 
 _DEAD_LETTER_SQL = """
@@ -130,13 +138,14 @@ async def write_batch(
 ) -> WriteResult:
     """Store one batch in one transaction; the caller acks the broker after this returns."""
     result = WriteResult()
-    seen: set[tuple[str, int]] = set()
+    seen: set[tuple[str, datetime, int]] = set()
     telemetry: list[Telemetry] = []
     events: list[Message] = []
     statuses: dict[str, Status] = {}
     unique: list[Message] = []
     for msg in messages:
-        key = (msg.pump_id, msg.seq)
+        # The storage key, so a batch decides exactly as the table would (module docstring).
+        key = (msg.pump_id, msg.time, msg.seq)
         if key in seen:  # the same message twice in one batch: QoS 1 redelivery
             result.duplicates += 1
             continue
@@ -153,7 +162,7 @@ async def write_batch(
         else:
             events.append(msg)
 
-    new_keys: set[tuple[str, int]] = set()
+    new_keys: set[tuple[str, datetime, int]] = set()
     register_ids = sorted(set(register))
     async with conn.transaction():
         if register_ids:
@@ -195,11 +204,11 @@ async def write_batch(
                     for m in telemetry
                 ],
             )
-            stored, pumps, seqs = await conn.fetchrow(_TELEMETRY_SQL, len(telemetry))
+            stored, pumps, times, seqs = await conn.fetchrow(_TELEMETRY_SQL, len(telemetry))
             if stored == len(telemetry):
-                new_keys.update((m.pump_id, m.seq) for m in telemetry)
+                new_keys.update((m.pump_id, m.time, m.seq) for m in telemetry)
             elif stored:
-                new_keys.update(zip(pumps, seqs, strict=True))
+                new_keys.update(zip(pumps, times, seqs, strict=True))
         if events:
             rows = await conn.fetch(
                 _EVENTS_SQL,
@@ -209,7 +218,7 @@ async def write_batch(
                 [getattr(m, "event", "unknown") for m in events],
                 [m.model_dump_json() for m in events],
             )
-            new_keys.update((r[0], r[1]) for r in rows)
+            new_keys.update((r[0], r[1], r[2]) for r in rows)
         if statuses:
             st = list(statuses.values())
             rows = await conn.fetch(
@@ -220,7 +229,7 @@ async def write_batch(
                 [m.time for m in st],
                 [m.seq for m in st],
             )
-            new_keys.update((r[0], r[1]) for r in rows)
+            new_keys.update((r[0], r[1], r[2]) for r in rows)
         if dead:
             await conn.execute(
                 _DEAD_LETTER_SQL,
@@ -232,7 +241,7 @@ async def write_batch(
             )
     result.dead_letters = len(dead)
     for msg in unique:
-        if (msg.pump_id, msg.seq) in new_keys:
+        if (msg.pump_id, msg.time, msg.seq) in new_keys:
             result.new.append(msg)
         elif msg.kind == "status":
             result.statuses_superseded += 1

@@ -413,6 +413,10 @@ _TRANSIENT = (
     OSError,
     asyncpg.PostgresConnectionError,  # class 08
     asyncpg.InterfaceError,  # connection closed under us
+    # "cannot switch to state N; another operation is in progress": the protocol lost its place
+    # when the server went away mid-operation. The connection is unusable, not the database:
+    # drop it and reconnect (it ended the process before).
+    asyncpg.InternalClientError,
     asyncpg.exceptions.OperatorInterventionError,  # class 57: shutdown, cannot connect now
     asyncpg.exceptions.InsufficientResourcesError,  # class 53: disk full, out of memory
     asyncpg.exceptions.TransactionRollbackError,  # class 40: deadlock, serialization

@@ -57,13 +57,30 @@ class LowReservoir(Rule):
         return f"Reservoir {res:.1f} mL at or below alarm volume {alarm_ml:.1f} mL", details
 
 
+_Projection = tuple[float, float, float, float, float, float, bool]
+"""days, reservoir, worst case, alarm volume, daily volume, margin, bias learned"""
+
+
+def _figures(raw: _Projection) -> dict[str, Any]:
+    days, res, worst_ml, alarm_ml, daily_ml, margin, learned = raw
+    return {
+        "days_to_alarm": days,
+        "reservoir_ml": res,
+        "worst_case_ml": round(worst_ml, 2),
+        "alarm_ml": alarm_ml,
+        "daily_ml": round(daily_ml, 4),
+        "margin_pct": round(margin * 100, 1),
+        "margin_from": "learned bias" if learned else "label",
+    }
+
+
 class _Due:
     __slots__ = ("bolus_ml", "bolus_s", "fig")
 
     def __init__(self) -> None:
         self.bolus_ml = 0.0
         self.bolus_s = 0.0
-        self.fig: dict[str, Any] = {}
+        self.fig: _Projection | None = None
 
 
 class RefillDue(Rule):
@@ -91,8 +108,9 @@ class RefillDue(Rule):
             st.bolus_ml = self._bolus_ml(st, p, t) + msg.dose_mcg / p.conc
             st.bolus_s = t
 
-    def projection(self, p: Pump, t: float) -> dict[str, Any] | None:
-        """Days until the worst-case volume reaches the alarm volume, with the figures."""
+    def _project(self, p: Pump, t: float) -> _Projection | None:
+        """Days until the worst-case volume reaches the alarm volume, and the numbers behind
+        it (at every reading; made into figures only when a finding is reported)."""
         tel = p.tel
         if tel is None or p.alarm_ml is None or p.dose is None:
             return None
@@ -118,23 +136,15 @@ class RefillDue(Rule):
         worst_ml = res - margin * infused
         worst_daily_ml = daily_ml * (1.0 + margin)
         days = (worst_ml - p.alarm_ml) / worst_daily_ml
-        return {
-            "days_to_alarm": days,
-            "reservoir_ml": res,
-            "worst_case_ml": round(worst_ml, 2),
-            "alarm_ml": p.alarm_ml,
-            "daily_ml": round(daily_ml, 4),
-            "margin_pct": round(margin * 100, 1),
-            "margin_from": "label" if bias is None else "learned bias",
-        }
+        return days, res, worst_ml, p.alarm_ml, daily_ml, margin, bias is not None
 
     def judge(self, p: Pump, t: float) -> Verdict:
-        fig = self.projection(p, t)
-        if fig is None:
+        raw_fig = self._project(p, t)
+        if raw_fig is None:
             return ABSENT
         th = p.th
-        self._st(p).fig = fig
-        days = fig["days_to_alarm"]
+        self._st(p).fig = raw_fig
+        days = raw_fig[0]
         current = p.priority(self.name)
         margin = th.refill_due_clear_margin_days
         raw: Priority | None = None
@@ -151,7 +161,8 @@ class RefillDue(Rule):
         return Verdict(raw, th.refill_due_on_s, th.refill_due_off_s)
 
     def describe(self, p: Pump, active: bool) -> tuple[str, dict[str, Any]]:
-        fig = dict(self._st(p).fig)
+        raw_fig = self._st(p).fig
+        fig = _figures(raw_fig) if raw_fig else {}
         days = fig.get("days_to_alarm")
         if days is not None:
             fig["days_to_alarm"] = round(days, 2)

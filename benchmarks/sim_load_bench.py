@@ -24,8 +24,8 @@ from typing import Any
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
-from device_agent import BrokerOptions
 from pumpfleet import stack as stack_mod
+from pumpfleet.broker import BrokerOptions
 from sim_fleet.load import LoadConfig, LoadReport, render, run_load, templates
 
 _TICK = os.sysconf("SC_CLK_TCK")

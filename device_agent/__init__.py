@@ -1,7 +1,9 @@
 """The device agent: publishes a pump's telemetry, events and status over MQTT (QoS 1) and loses
 nothing while offline. See README.md in this folder."""
 
-from .agent import Agent, AgentStats, BrokerOptions, build_entry, client_id
+from pumpfleet.broker import BrokerOptions
+
+from .agent import Agent, AgentStats, build_entry, client_id
 from .clock import SimClock
 from .driver import ConstantPump, Observation, ObservationKind, PumpDriver
 from .store import AppendResult, Entry, Queued, QueueLimits, Store, StoreError, StoreLocked, Will

@@ -14,12 +14,10 @@ import json
 import logging
 import random
 import time
-import urllib.parse
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import Enum
-from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as mqtt
@@ -29,7 +27,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from pumpfleet import contract
-from pumpfleet.settings import MqttSettings
+from pumpfleet.broker import BrokerOptions
 
 from .driver import Observation, PumpDriver
 from .store import Entry, Store, Will
@@ -53,52 +51,6 @@ def utc_now() -> datetime:
 
 
 # configuration ----------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class BrokerOptions:
-    host: str = "127.0.0.1"
-    port: int = 1883
-    tls: bool = False
-    tls_ca: Path | None = None
-    tls_cert: Path | None = None
-    tls_key: Path | None = None
-    username: str | None = None
-    password: str | None = field(default=None, repr=False)
-    keepalive_s: int = 30
-
-    @classmethod
-    def from_settings(cls, mqtt_settings: MqttSettings, pump_id: str) -> BrokerOptions:
-        """`mqtt://` or `mqtts://` URL plus credentials; `{pump_id}` in the username is filled
-        in, so a fleet can share one setting with per-pump accounts."""
-        url = urllib.parse.urlsplit(mqtt_settings.url)
-        schemes = {"mqtt": False, "tcp": False, "mqtts": True, "ssl": True, "tls": True}
-        if url.scheme not in schemes or not url.hostname:
-            raise ValueError(
-                f"MQTT URL {mqtt_settings.url!r} is not mqtt://host:port or mqtts://host:port"
-            )
-        tls = schemes[url.scheme] or mqtt_settings.tls_ca is not None
-        username = mqtt_settings.username or (urllib.parse.unquote(url.username or "") or None)
-        secret = mqtt_settings.password
-        password = secret.get_secret_value() if secret else None
-        if password is None and url.password:
-            password = urllib.parse.unquote(url.password)
-        return cls(
-            host=url.hostname,
-            port=url.port or (8883 if tls else 1883),
-            tls=tls,
-            tls_ca=mqtt_settings.tls_ca,
-            tls_cert=mqtt_settings.tls_cert,
-            tls_key=mqtt_settings.tls_key,
-            username=username.replace("{pump_id}", pump_id) if username else None,
-            password=password,
-            keepalive_s=mqtt_settings.keepalive_s,
-        )
-
-    @property
-    def url(self) -> str:
-        """For logs: never carries credentials."""
-        return f"{'mqtts' if self.tls else 'mqtt'}://{self.host}:{self.port}"
 
 
 @dataclass
@@ -406,11 +358,7 @@ class Agent:
         if self.broker.username is not None:
             client.username_pw_set(self.broker.username, self.broker.password)
         if self.broker.tls:
-            client.tls_set(
-                ca_certs=_str(self.broker.tls_ca),
-                certfile=_str(self.broker.tls_cert),
-                keyfile=_str(self.broker.tls_key),
-            )
+            client.tls_set_context(self.broker.tls_context())
         client.will_set(self._status_topic, self._will.payload, qos=1, retain=True)
         props = Properties(PacketTypes.CONNECT)
         props.SessionExpiryInterval = self.session_expiry_s
@@ -587,7 +535,3 @@ class Agent:
             self.stats.acked += self.store.ack(self._acked)
             self._acked.clear()
             self._dirty = True
-
-
-def _str(path: Path | None) -> str | None:
-    return None if path is None else str(path)

@@ -7,7 +7,6 @@ import importlib
 import logging
 import re
 import signal
-import ssl
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -15,10 +14,11 @@ from types import FrameType
 from typing import Any
 
 from pumpfleet import contract
+from pumpfleet.broker import BrokerConfigError, BrokerOptions
 from pumpfleet.cli import UsageError
 from pumpfleet.settings import Settings
 
-from .agent import Agent, BrokerOptions
+from .agent import Agent
 from .clock import SimClock
 from .driver import ConstantPump, PumpDriver
 from .store import QueueLimits, Store, StoreError
@@ -81,9 +81,12 @@ def run_agent(
     try:
         broker = BrokerOptions.from_settings(settings.mqtt, pump_id)
         limits = QueueLimits(args.max_queue_messages, int(args.max_queue_mb * 2**20))
+        if broker.tls:
+            broker.tls_context()  # unusable TLS files: a configuration error, not a retry
+    except BrokerConfigError as exc:
+        raise UsageError(str(exc)) from None
     except ValueError as exc:
-        raise UsageError(f"{exc}; check PUMPFLEET_MQTT__URL and the queue limits") from None
-    _check_tls(broker)
+        raise UsageError(f"{exc}; check the queue limits") from None
     start = args.start or (
         datetime.now(UTC) - (FAST_START_BACK if args.speed > 1 else timedelta(0))
     )
@@ -122,22 +125,6 @@ def run_agent(
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
     return 0
-
-
-def _check_tls(broker: BrokerOptions) -> None:
-    """Unusable TLS files are a configuration error, not a reason to retry forever."""
-    for name in ("tls_ca", "tls_cert", "tls_key"):
-        path = getattr(broker, name)
-        if path is not None and not Path(path).is_file():
-            raise UsageError(f"{name} {path} does not exist; fix PUMPFLEET_MQTT__{name.upper()}")
-    if not broker.tls:
-        return
-    try:
-        context = ssl.create_default_context(cafile=broker.tls_ca)
-        if broker.tls_cert:
-            context.load_cert_chain(broker.tls_cert, broker.tls_key)
-    except (OSError, ValueError) as exc:
-        raise UsageError(f"TLS files unusable ({exc}); check PUMPFLEET_MQTT__TLS_*") from None
 
 
 def _utc_time(text: str) -> datetime:

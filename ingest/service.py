@@ -22,7 +22,6 @@ import logging
 import random
 import threading
 import time
-import urllib.parse
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -38,6 +37,7 @@ from ingest import metrics
 from ingest.mqtt import Client as BufferedClient
 from ingest.store import DeadLetter, WriteResult, prepare, write_batch
 from pumpfleet import contract
+from pumpfleet.broker import BrokerOptions
 from pumpfleet.contract import Message
 from pumpfleet.settings import Settings
 
@@ -67,6 +67,7 @@ class Ingester:
 
     def __init__(self, settings: Settings, on_commit: OnCommit | None = None) -> None:
         self.settings = settings
+        self.broker = BrokerOptions.from_settings(settings.mqtt)
         self.cfg = settings.ingest
         self.on_commit = on_commit
         self._lock = threading.Lock()
@@ -89,7 +90,7 @@ class Ingester:
     # MQTT side (paho's network thread) ------------------------------------------------------
 
     def _make_client(self) -> BufferedClient:
-        m = self.settings.mqtt
+        m = self.broker
         client = BufferedClient(
             callback_api_version=CallbackAPIVersion.VERSION2,
             client_id=self.cfg.client_id,
@@ -97,15 +98,9 @@ class Ingester:
             manual_ack=True,
         )
         if m.username:
-            client.username_pw_set(
-                m.username, m.password.get_secret_value() if m.password else None
-            )
-        if m.tls_ca:
-            client.tls_set(
-                ca_certs=str(m.tls_ca),
-                certfile=str(m.tls_cert) if m.tls_cert else None,
-                keyfile=str(m.tls_key) if m.tls_key else None,
-            )
+            client.username_pw_set(m.username, m.password)
+        if m.tls:
+            client.tls_set_context(m.tls_context())
         client.reconnect_delay_set(min_delay=1, max_delay=30)
         client.on_connect = self._on_connect
         client.on_connect_fail = self._on_connect_fail
@@ -356,14 +351,13 @@ class Ingester:
         """Run until stop(): connect, then flush batches on size or on the time limit."""
         self._loop = asyncio.get_running_loop()
         self._db = await self._connect_db()
-        url = urllib.parse.urlsplit(self.settings.mqtt.url)
         props = Properties(PacketTypes.CONNECT)
         props.SessionExpiryInterval = SESSION_EXPIRY_S
         props.ReceiveMaximum = min(self.cfg.max_pending, 65535)
         self._client.connect_async(
-            url.hostname or "127.0.0.1",
-            url.port or (8883 if url.scheme == "mqtts" else 1883),
-            keepalive=self.settings.mqtt.keepalive_s,
+            self.broker.host,
+            self.broker.port,
+            keepalive=self.broker.keepalive_s,
             clean_start=False,
             properties=props,
         )

@@ -27,7 +27,9 @@ class MqttSettings(BaseModel):
     url: str = "mqtt://127.0.0.1:1883"
     username: str | None = None
     password: SecretStr | None = None
-    tls_ca: Path | None = Field(default=None, description="CA bundle; setting it turns TLS on.")
+    tls_ca: Path | None = Field(
+        default=None, description="CA bundle for mqtts:// (default: the system trust store)."
+    )
     tls_cert: Path | None = None
     tls_key: Path | None = None
     keepalive_s: int = Field(default=30, ge=5, le=3600)
@@ -35,18 +37,9 @@ class MqttSettings(BaseModel):
     @field_validator("url")
     @classmethod
     def _mqtt_url(cls, value: str) -> str:
-        import urllib.parse
+        from pumpfleet.broker import check_url
 
-        parts = urllib.parse.urlsplit(value)
-        try:
-            port_ok = parts.port is None or 0 < parts.port < 65536
-        except ValueError:
-            port_ok = False
-        if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname or not port_ok:
-            raise ValueError(
-                f"{value!r} is not mqtt://host:port or mqtts://host:port; check "
-                "PUMPFLEET_MQTT__URL or [mqtt] url in pumpfleet.toml"
-            )
+        check_url(value)  # BrokerConfigError is a ValueError: pydantic reports it as such
         return value
 
 

@@ -11,18 +11,17 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from types import FrameType
 from typing import Any, TextIO
 
-from device_agent import BrokerOptions
+from pumpfleet.broker import BrokerConfigError, BrokerOptions
 from pumpfleet.cli import UsageError
 from pumpfleet.settings import Settings
 from sim_fleet import check as checking
 from sim_fleet import detect as detecting
 from sim_fleet.fleet import FleetMix
 from sim_fleet.load import LoadConfig, LoadReport, Progress, run_load
-from sim_fleet.mqtt import ConnectError, tls_context
+from sim_fleet.mqtt import ConnectError
 from sim_fleet.run import RunOptions, RunProgress, RunStats, run_scenario
 from sim_fleet.scenario import (
     ScenarioError,
@@ -195,17 +194,10 @@ def _speed(text: str) -> float | str:
 def _broker(settings: Settings, name: str) -> BrokerOptions:
     try:
         broker = BrokerOptions.from_settings(settings.mqtt, name)
-    except ValueError as exc:
-        raise UsageError(f"{exc}; check PUMPFLEET_MQTT__URL") from None
-    for key in ("tls_ca", "tls_cert", "tls_key"):
-        path = getattr(broker, key)
-        if path is not None and not Path(path).is_file():
-            raise UsageError(f"{key} {path} does not exist; fix PUMPFLEET_MQTT__{key.upper()}")
-    if broker.tls:
-        try:
-            tls_context(broker)
-        except ConnectError as exc:
-            raise UsageError(str(exc)) from None
+        if broker.tls:
+            broker.tls_context()  # unusable TLS files: a configuration error, not a retry
+    except BrokerConfigError as exc:
+        raise UsageError(str(exc)) from None
     return broker
 
 

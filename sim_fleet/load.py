@@ -41,8 +41,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from device_agent import BrokerOptions, Observation, build_entry
+from device_agent import Observation, build_entry
 from pumpfleet import logs
+from pumpfleet.broker import BrokerOptions
 from pumpfleet.contract import PUMP_ID_PATTERN
 from sim_fleet.fleet import make_fleet
 from sim_fleet.mqtt import (

@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from device_agent import BrokerOptions
+from pumpfleet.broker import BrokerOptions
 
 __all__ = [
     "MAX_MESSAGE_IDS",
@@ -31,7 +31,6 @@ __all__ = [
     "Connection",
     "ConnectionLost",
     "Histogram",
-    "tls_context",
 ]
 
 MAX_MESSAGE_IDS = 65_535
@@ -100,7 +99,7 @@ class Connection:
         self.connect_timeout_s = connect_timeout_s
         self.on_ack = on_ack
         self.latency = latency
-        self._tls = tls if tls is not None else (tls_context(broker) if broker.tls else None)
+        self._tls = tls if tls is not None else (broker.tls_context() if broker.tls else None)
         self.keepalive_s = broker.keepalive_s
         self.window = max_inflight
         """Most publishes awaiting a PUBACK: ours, capped by the broker's Receive Maximum."""
@@ -518,19 +517,6 @@ class Histogram:
 
 
 # Wire helpers ---------------------------------------------------------------------------------
-
-
-def tls_context(broker: BrokerOptions) -> ssl.SSLContext:
-    """The TLS context the agent would use: the CA bundle, and a client certificate if given."""
-    ca = str(broker.tls_ca) if broker.tls_ca else None
-    try:
-        context = ssl.create_default_context(cafile=ca)
-        if broker.tls_cert:
-            key = str(broker.tls_key) if broker.tls_key else None
-            context.load_cert_chain(str(broker.tls_cert), key)
-    except (OSError, ValueError, ssl.SSLError) as exc:
-        raise ConnectError(f"TLS files unusable ({exc}); check PUMPFLEET_MQTT__TLS_*") from None
-    return context
 
 
 def _varint(n: int) -> bytes:

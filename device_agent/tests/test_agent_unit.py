@@ -212,11 +212,17 @@ def test_cli_rejects_bad_input_with_one_line(tmp_path: Path) -> None:
     # A URL that is not MQTT is refused by the settings themselves (one line from `main`).
     with pytest.raises(ValidationError, match="PUMPFLEET_MQTT__URL"):
         MqttSettings(url="ftp://x")
-    no_ca = Settings(run_dir=tmp_path, mqtt=MqttSettings(tls_ca=tmp_path / "missing.pem"))
+    tls = "mqtts://127.0.0.1:8883"
+    plain_with_ca = Settings(run_dir=tmp_path, mqtt=MqttSettings(tls_ca=tmp_path / "ca.pem"))
+    with pytest.raises(UsageError, match="plain MQTT; use an mqtts:// URL"):
+        run_agent(_args(), plain_with_ca)
+    no_ca = Settings(
+        run_dir=tmp_path, mqtt=MqttSettings(url=tls, tls_ca=tmp_path / "missing.pem")
+    )
     with pytest.raises(UsageError, match="tls_ca"):
         run_agent(_args(), no_ca)
     (tmp_path / "junk.pem").write_text("not a certificate")
-    junk_ca = Settings(run_dir=tmp_path, mqtt=MqttSettings(tls_ca=tmp_path / "junk.pem"))
+    junk_ca = Settings(run_dir=tmp_path, mqtt=MqttSettings(url=tls, tls_ca=tmp_path / "junk.pem"))
     with pytest.raises(UsageError, match="TLS files unusable"):
         run_agent(_args(), junk_ca)
     with pytest.raises(UsageError, match="--driver"):

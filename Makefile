@@ -4,7 +4,7 @@ PYTHON  ?= python3
 BIN     := $(VENV)/bin
 NODEDIR := tests/timescaledb
 
-.PHONY: demo test check setup system venv node bench clean
+.PHONY: demo test check soak setup system venv node bench clean
 
 demo: setup
 	$(BIN)/python scripts/demo.py
@@ -16,6 +16,11 @@ check: venv
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+
+# The chaos soak, full profile: SOAK_MINUTES of load (default 10) under seeded random faults.
+SOAK_MINUTES ?= 10
+soak: setup
+	$(BIN)/pumpfleet soak --minutes $(SOAK_MINUTES) $(if $(SEED),--seed $(SEED))
 
 setup: system venv node
 

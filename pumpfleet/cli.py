@@ -98,6 +98,28 @@ def _contract_validate(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+# soak -------------------------------------------------------------------------------------------
+
+
+def _soak(args: argparse.Namespace, settings: Settings) -> int:
+    from pumpfleet import soak
+
+    if args.minutes <= 0:
+        raise UsageError(f"--minutes {args.minutes}: give a positive number of minutes")
+    cfg = soak.SoakConfig(
+        seconds=args.minutes * 60,
+        seed=args.seed,
+        rate=args.rate,
+        pumps=args.pumps,
+        short=args.short,
+        run_dir=args.run_dir,
+        progress=lambda line: print(line, flush=True),
+    )
+    report = soak.run(cfg)
+    print(report.table())
+    return 0 if report.passed else 1
+
+
 # entry point ------------------------------------------------------------------------------------
 
 
@@ -138,6 +160,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = _cmd(ct, "validate", _contract_validate, "validate one payload as the ingester would")
     p.add_argument("topic", help="e.g. pumps/P-0001/telemetry")
     p.add_argument("file", type=Path, help="payload file, or - for standard input")
+
+    p = _cmd(top, "soak", _soak, "the pipeline under load while seeded random faults hit it")
+    p.add_argument("--minutes", type=float, default=10.0, help="length of the load (default 10)")
+    p.add_argument("--seed", type=int, default=None, help="replay a run (default: random, printed)")
+    p.add_argument("--rate", type=float, default=300.0, help="telemetry messages per second")
+    p.add_argument("--pumps", type=int, default=150, help="simulated pumps")
+    p.add_argument("--short", action="store_true", help="faults of at most 6 s (the test profile)")
+    p.add_argument("--run-dir", type=Path, default=None, help="keep logs here (default: temporary)")
 
     for register in _part_commands():
         register(top)
@@ -182,8 +212,9 @@ def user_error(exc: BaseException) -> str | None:
     from pydantic import ValidationError
 
     from pumpfleet import stack
+    from pumpfleet.broker import BrokerConfigError
 
-    if isinstance(exc, UsageError | stack.StackError | schema.MigrationError):
+    if isinstance(exc, UsageError | stack.StackError | schema.MigrationError | BrokerConfigError):
         return str(exc)
     if isinstance(exc, ValidationError):
         return "bad configuration: " + contract.describe(exc)

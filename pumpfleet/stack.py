@@ -344,8 +344,11 @@ def start_broker(info: StackInfo, *, timeout: float = START_TIMEOUT_S) -> None:
         _write_state(info.run_dir, state)
 
 
-def stop_database(info: StackInfo, *, timeout: float = STOP_TIMEOUT_S) -> None:
-    """Fast-stop PostgreSQL (open sessions are cut), keeping its data and the broker."""
+def stop_database(info: StackInfo, *, timeout: float = STOP_TIMEOUT_S, mode: str = "fast") -> None:
+    """Stop PostgreSQL, keeping its data and the broker: `fast` cuts open sessions and
+    checkpoints; `immediate` is a crash (no checkpoint, recovery at the next start)."""
+    if mode not in ("fast", "immediate"):
+        raise ValueError(f"shutdown mode {mode!r}: use 'fast' or 'immediate'")
     with _locked(info.run_dir):
         state = _require_state(info)
         _stop_postgres(
@@ -354,6 +357,7 @@ def stop_database(info: StackInfo, *, timeout: float = STOP_TIMEOUT_S) -> None:
             state.get("pg_pid"),
             _postgres_account(),
             timeout,
+            mode,
         )
         state["pg_pid"] = None
         _write_state(info.run_dir, state)
@@ -375,6 +379,41 @@ def start_database(info: StackInfo, *, timeout: float = START_TIMEOUT_S) -> None
             timeout,
         )
         _write_state(info.run_dir, state)
+
+
+def pause_database(info: StackInfo) -> list[int]:
+    """SIGSTOP the postmaster and every backend (a host frozen, not a server down): sockets
+    stay open and nothing answers. Returns the paused pids; `resume_database` undoes it."""
+    with _locked(info.run_dir):
+        pid = _require_state(info).get("pg_pid")
+    if not _alive(pid, "postgres"):
+        raise StackError("PostgreSQL is not running; start it with `pumpfleet stack up`")
+    assert pid is not None
+    pids = [pid, *_children(pid)]
+    for p in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(p, signal.SIGSTOP)
+    return pids
+
+
+def resume_database(pids: list[int]) -> None:
+    """SIGCONT what `pause_database` stopped."""
+    for p in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(p, signal.SIGCONT)
+
+
+def _children(pid: int) -> list[int]:
+    """Direct children of `pid`, from /proc (PostgreSQL's backends are the postmaster's)."""
+    found = []
+    for proc_stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = proc_stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(proc_stat.parent.name))
+    return found
 
 
 def create_database(info: StackInfo, name: str) -> str:
@@ -796,11 +835,16 @@ def _start_postgres(
 
 
 def _stop_postgres(
-    pg_bin: Path, data: Path, pid: int | None, account: _Account | None, timeout: float
+    pg_bin: Path,
+    data: Path,
+    pid: int | None,
+    account: _Account | None,
+    timeout: float,
+    mode: str = "fast",
 ) -> None:
-    """pg_ctl's fast shutdown (it finds the server from postmaster.pid, even one we lost)."""
+    """pg_ctl's shutdown (it finds the server from postmaster.pid, even one we lost)."""
     if (data / "postmaster.pid").exists():
-        argv = [str(pg_bin / "pg_ctl"), "stop", "-D", str(data), "-m", "fast", "-w"]
+        argv = [str(pg_bin / "pg_ctl"), "stop", "-D", str(data), "-m", mode, "-w"]
         with contextlib.suppress(subprocess.TimeoutExpired):
             _run([*argv, "-t", str(int(timeout))], account, data, timeout + 5)
     if pid is not None:

@@ -1,4 +1,5 @@
-"""Test support, not product code: shared by the tests of every part and by the benchmarks.
+"""Test support, not product code: shared by the tests of every part, the benchmarks and the
+chaos soak (`pumpfleet soak`).
 
 Waiting with deadlines instead of sleeps (`wait_until`, `until`), one recording MQTT subscriber
 (`RecordingSubscriber`, which decodes with the contract) and a valid telemetry body

@@ -172,6 +172,11 @@ async def main() -> None:
         ingester = Watched(
             [sys.executable, "-m", "pumpfleet.cli", "ingest"], env, workdir / "ingest.log"
         )
+        alerting = Watched(
+            [sys.executable, "-m", "pumpfleet.cli", "alerting", "--metrics-port", "0"],
+            env,
+            workdir / "alerting.log",
+        )
         try:
             deadline = time.monotonic() + 30
             while time.monotonic() < deadline:
@@ -209,6 +214,7 @@ async def main() -> None:
             cpu = ingester.cpu_s()
         finally:
             ingester.stop()
+            alerting.stop()
         db_lat = [in_db[p] - fault_at[p] for p in in_db if p in fault_at]
         am_lat = [in_am[p] - fault_at[p] for p in in_am if p in fault_at]
         print(

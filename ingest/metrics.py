@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -156,12 +156,25 @@ class _Collector:
 
 
 async def serve(ingester: Ingester) -> asyncio.Server | None:
-    """Serve /metrics and /healthz on the configured port (0 disables)."""
+    """Serve /metrics and /healthz on the configured port (0 picks a free one; None disables)."""
     cfg = ingester.settings.ingest
     if cfg.metrics_port is None:
         return None
     registry = CollectorRegistry(auto_describe=False)
     registry.register(_Collector(ingester))
+    server = await http_endpoint(cfg.metrics_host, cfg.metrics_port, registry, ingester.healthy)
+    if server is not None:
+        ingester.metrics_port = server.sockets[0].getsockname()[1]
+    return server
+
+
+async def http_endpoint(
+    host: str,
+    port: int,
+    registry: CollectorRegistry,
+    health: Callable[[], tuple[bool, dict[str, object]]],
+) -> asyncio.Server | None:
+    """/metrics (Prometheus text) and /healthz (200 or 503, JSON) for any of our services."""
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -174,7 +187,7 @@ async def serve(ingester: Ingester) -> asyncio.Server | None:
                     generate_latest(registry),
                 )
             elif path.startswith("/healthz"):
-                ok, detail = ingester.healthy()
+                ok, detail = health()
                 status = "200 OK" if ok else "503 Service Unavailable"
                 ctype, body = "application/json", json.dumps({"ok": ok, **detail}).encode()
             else:
@@ -191,13 +204,10 @@ async def serve(ingester: Ingester) -> asyncio.Server | None:
             writer.close()
 
     try:
-        server = await asyncio.start_server(handle, cfg.metrics_host, cfg.metrics_port)
+        server = await asyncio.start_server(handle, host, port)
     except OSError as exc:
-        log.error(
-            "metrics endpoint not started", extra={"port": cfg.metrics_port, "error": str(exc)}
-        )
+        log.error("metrics endpoint not started", extra={"port": port, "error": str(exc)})
         return None
-    port = server.sockets[0].getsockname()[1]
-    ingester.metrics_port = port
-    log.info("metrics endpoint", extra={"url": f"http://{cfg.metrics_host}:{port}/metrics"})
+    bound = server.sockets[0].getsockname()[1]
+    log.info("metrics endpoint", extra={"url": f"http://{host}:{bound}/metrics"})
     return server

@@ -65,10 +65,30 @@ class _Item:
 class Ingester:
     """One ingester worker. `await run()` until `stop()`; safe to run several on one group."""
 
-    def __init__(self, settings: Settings, on_commit: OnCommit | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        on_commit: OnCommit | None = None,
+        *,
+        kinds: Sequence[contract.Kind] | None = None,
+        lane: str = "",
+        stats: metrics.Stats | None = None,
+    ) -> None:
+        """`kinds` limits the subscription (default: every kind); `lane` names a second MQTT
+        session of the same worker (its client id gets `-{lane}`), e.g. the urgent lane that
+        takes events apart from the telemetry queue; `stats` may be shared between lanes."""
         self.settings = settings
         self.broker = BrokerOptions.from_settings(settings.mqtt)
         self.cfg = settings.ingest
+        self.client_id = f"{self.cfg.client_id}-{lane}" if lane else self.cfg.client_id
+        self.lane = lane or "all"
+        self.filters = (
+            [contract.subscription(k, self.cfg.shared_group) for k in kinds]
+            if kinds
+            else [contract.subscription(shared_group=self.cfg.shared_group)]
+        )
+        self.partners: list[Ingester] = []
+        """Other lanes of this worker: /healthz is healthy only when all are."""
         self.on_commit = on_commit
         self._lock = threading.Lock()
         self._buf: deque[_Item] = deque()
@@ -84,7 +104,7 @@ class Ingester:
         self._db: asyncpg.Connection | None = None
         self._db_ok = False
         self._client = self._make_client()
-        self.stats = metrics.Stats()
+        self.stats = stats if stats is not None else metrics.Stats()
         self.metrics_port: int | None = None
 
     # MQTT side (paho's network thread) ------------------------------------------------------
@@ -93,7 +113,7 @@ class Ingester:
         m = self.broker
         client = BufferedClient(
             callback_api_version=CallbackAPIVersion.VERSION2,
-            client_id=self.cfg.client_id,
+            client_id=self.client_id,
             protocol=mqtt.MQTTv5,
             manual_ack=True,
         )
@@ -133,9 +153,8 @@ class Ingester:
         if flags.session_present:
             self._connected.set()
         else:  # a new session: subscribe, and count as connected once the broker grants it
-            sub = contract.subscription(shared_group=self.cfg.shared_group)
-            client.subscribe(sub, qos=1)
-            log.info("subscribing", extra={"filter": sub})
+            client.subscribe([(f, 1) for f in self.filters])
+            log.info("subscribing", extra={"filter": ",".join(self.filters)})
 
     def _on_connect_fail(self, client: mqtt.Client, userdata: object) -> None:
         """Once per outage, not once per retry: the log says the broker is gone, and when back."""
@@ -387,12 +406,17 @@ class Ingester:
         self._wake.set()
 
     def healthy(self) -> tuple[bool, dict[str, object]]:
+        ok = bool(self._connected.is_set() and self._db_ok)
         detail: dict[str, object] = {
             "broker_connected": self._connected.is_set(),
             "database_ok": self._db_ok,
             "pending": self.pending(),
         }
-        return bool(self._connected.is_set() and self._db_ok), detail
+        for other in self.partners:
+            other_ok, other_detail = other.healthy()
+            ok = ok and other_ok
+            detail[other.lane] = other_detail
+        return ok, detail
 
     async def wait_connected(self, timeout: float = 10.0) -> None:
         deadline = time.monotonic() + timeout

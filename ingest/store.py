@@ -10,6 +10,9 @@ is an agent that lost its seq store and counts again, or a replay from elsewhere
 whatever the batching, and the rules treat an old seq with a newer time as an agent that started
 its seqs again (ingest/rules/README.md, "Clocks, order, restarts").
 
+Each first-stored message also gets a row in `alert_feed`, in the same statement: the alerting
+service's inbox (ingest/alerts/README.md, "The feed"). A duplicate writes none.
+
 Dead letters go in the same transaction, so one commit covers every message of the batch and
 the broker is acknowledged for all of them at once.
 """
@@ -59,7 +62,10 @@ WITH ins AS (
     INSERT INTO telemetry ({", ".join(_TELEMETRY_COLUMNS)})
     SELECT {", ".join(_TELEMETRY_COLUMNS)} FROM {_STAGE}
     ON CONFLICT DO NOTHING
-    RETURNING pump_id, time, seq)
+    RETURNING pump_id, time, seq),
+feed AS (
+    INSERT INTO alert_feed (urgent, pump_id, time, seq, kind)
+    SELECT false, pump_id, time, seq, 'telemetry' FROM ins)
 SELECT count(*)::int,
        CASE WHEN count(*) < $1 THEN array_agg(pump_id) END,
        CASE WHEN count(*) < $1 THEN array_agg(time) END,
@@ -67,26 +73,52 @@ SELECT count(*)::int,
 FROM ins
 """
 
-_EVENTS_SQL = """
-INSERT INTO events (time, pump_id, seq, event, body)
-SELECT * FROM unnest($1::timestamptz[], $2::text[], $3::int8[], $4::text[], $5::jsonb[])
-ON CONFLICT DO NOTHING
-RETURNING pump_id, time, seq
+URGENT_EVENTS = ("motor_stall", "alarm_raised")
+"""The pump's own alarms: the alerting service reads them before any queued telemetry (their
+rules need no order against telemetry: alarm bits are ordered by seq per alarm)."""
+
+_EVENTS_SQL = f"""
+WITH ins AS (
+    INSERT INTO events (time, pump_id, seq, event, body)
+    SELECT * FROM unnest($1::timestamptz[], $2::text[], $3::int8[], $4::text[], $5::jsonb[])
+    ON CONFLICT DO NOTHING
+    RETURNING pump_id, time, seq, event),
+feed AS (
+    INSERT INTO alert_feed (urgent, pump_id, time, seq, kind)
+    SELECT event IN ({", ".join(f"'{e}'" for e in URGENT_EVENTS)}), pump_id, time, seq, 'event'
+    FROM ins)
+SELECT pump_id, time, seq FROM ins
 """
 
+# Every status goes into the log (the alerting feed follows it); pump_status keeps the newest.
 _STATUS_SQL = """
-INSERT INTO pump_status AS s (pump_id, online, reason, time, seq)
-SELECT * FROM unnest($1::text[], $2::bool[], $3::text[], $4::timestamptz[], $5::int8[])
-ON CONFLICT (pump_id) DO UPDATE
-    SET online = EXCLUDED.online, reason = EXCLUDED.reason, time = EXCLUDED.time,
-        seq = EXCLUDED.seq, received_at = now()
-    WHERE (s.time, s.seq) < (EXCLUDED.time, EXCLUDED.seq)
-RETURNING pump_id, time, seq
+WITH logged AS (
+    INSERT INTO status_log (pump_id, online, reason, time, seq)
+    SELECT * FROM unnest($6::text[], $7::bool[], $8::text[], $9::timestamptz[], $10::int8[])
+    ON CONFLICT DO NOTHING
+    RETURNING pump_id, time, seq),
+feed AS (
+    INSERT INTO alert_feed (urgent, pump_id, time, seq, kind)
+    SELECT false, pump_id, time, seq, 'status' FROM logged),
+ins AS (
+    INSERT INTO pump_status AS s (pump_id, online, reason, time, seq)
+    SELECT * FROM unnest($1::text[], $2::bool[], $3::text[], $4::timestamptz[], $5::int8[])
+    ON CONFLICT (pump_id) DO UPDATE
+        SET online = EXCLUDED.online, reason = EXCLUDED.reason, time = EXCLUDED.time,
+            seq = EXCLUDED.seq, received_at = now()
+        WHERE (s.time, s.seq) < (EXCLUDED.time, EXCLUDED.seq)
+    RETURNING pump_id, time, seq)
+SELECT pump_id, time, seq FROM ins
 """
 
+# A redelivered dead letter (same topic, same bytes) is a duplicate, not a second dead letter.
 _DEAD_LETTER_SQL = """
-INSERT INTO dead_letter (topic, payload, reason, pump_id, received_at)
-SELECT * FROM unnest($1::text[], $2::bytea[], $3::text[], $4::text[], $5::timestamptz[])
+WITH ins AS (
+    INSERT INTO dead_letter (topic, payload, reason, pump_id, received_at)
+    SELECT * FROM unnest($1::text[], $2::bytea[], $3::text[], $4::text[], $5::timestamptz[])
+    ON CONFLICT (topic, sha256(payload)) DO NOTHING
+    RETURNING 1)
+SELECT count(*)::int FROM ins
 """
 
 _REGISTER_SQL = """
@@ -142,6 +174,7 @@ async def write_batch(
     telemetry: list[Telemetry] = []
     events: list[Message] = []
     statuses: dict[str, Status] = {}
+    status_log: list[Status] = []
     unique: list[Message] = []
     for msg in messages:
         # The storage key, so a batch decides exactly as the table would (module docstring).
@@ -156,6 +189,7 @@ async def write_batch(
             telemetry.append(msg)  # type: ignore[arg-type]
         elif kind == "status":
             assert isinstance(msg, Status)
+            status_log.append(msg)
             prev = statuses.get(msg.pump_id)
             if prev is None or (prev.time, prev.seq) < (msg.time, msg.seq):
                 statuses[msg.pump_id] = msg
@@ -164,6 +198,7 @@ async def write_batch(
 
     new_keys: set[tuple[str, datetime, int]] = set()
     register_ids = sorted(set(register))
+    stored_dead = 0
     async with conn.transaction():
         if register_ids:
             first = {m.pump_id: m for m in reversed(telemetry)}
@@ -228,10 +263,15 @@ async def write_batch(
                 [m.reason for m in st],
                 [m.time for m in st],
                 [m.seq for m in st],
+                [m.pump_id for m in status_log],
+                [m.online for m in status_log],
+                [m.reason for m in status_log],
+                [m.time for m in status_log],
+                [m.seq for m in status_log],
             )
             new_keys.update((r[0], r[1], r[2]) for r in rows)
         if dead:
-            await conn.execute(
+            stored_dead = await conn.fetchval(
                 _DEAD_LETTER_SQL,
                 [d.topic for d in dead],
                 [d.payload for d in dead],
@@ -239,7 +279,8 @@ async def write_batch(
                 [d.pump_id for d in dead],
                 [d.received_at for d in dead],
             )
-    result.dead_letters = len(dead)
+    result.dead_letters = stored_dead
+    result.duplicates += len(dead) - stored_dead
     for msg in unique:
         if (msg.pump_id, msg.time, msg.seq) in new_keys:
             result.new.append(msg)

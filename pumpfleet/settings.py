@@ -59,6 +59,11 @@ class IngestSettings(BaseModel):
         pattern="^(register|dead-letter)$",
         description="What to do with a valid message from a pump not in the registry.",
     )
+    urgent_lane: bool = Field(
+        default=True,
+        description="Take events (a pump's own alarms) on a second MQTT session of their own, "
+        "so an alarm is stored at once however much telemetry is queued before it.",
+    )
     metrics_host: str = "127.0.0.1"
     metrics_port: int | None = Field(
         default=9108, ge=0, le=65535, description="0 picks a free port; unset disables."
@@ -68,8 +73,16 @@ class IngestSettings(BaseModel):
 class AlertSettings(BaseModel):
     """The alert lifecycle and its notifications (ingest/alerts/README.md)."""
 
-    enabled: bool = Field(
-        default=True, description="Run the rules and the alert lifecycle inside `pumpfleet ingest`."
+    lease_s: float = Field(
+        default=5.0,
+        ge=1,
+        le=300,
+        description="The active alerting instance's lease: a standby takes over this long after "
+        "the active one stopped renewing it.",
+    )
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int | None = Field(
+        default=9465, ge=0, le=65535, description="`pumpfleet alerting`'s /metrics and /healthz."
     )
     clock: Literal["wall", "fleet"] = Field(
         default="wall",

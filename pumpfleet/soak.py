@@ -7,6 +7,8 @@ seed (printed, and replayable with `--seed`):
 
 - the ingester killed (SIGKILL) or stopped (SIGTERM, which must end it cleanly with status 0),
   and started again after a pause, as a supervisor would;
+- the active one of two alerting instances killed (SIGKILL) or frozen (SIGSTOP, then resumed
+  after its lease has passed to the standby, which it must then leave alone);
 - PostgreSQL shut down fast or immediately (a crash, recovered at the next start), or its
   processes frozen with SIGSTOP (a paused host: open sockets, no answers), for 1 s to 2 min;
 - mosquitto stopped and started again;
@@ -19,9 +21,9 @@ Some pumps turn faulty at a random moment: a motor stall (critical) or a reservo
 volume. At the end the soak stops the faults, lets the pipeline drain, and counts from the
 database: every telemetry message the broker acknowledged is stored exactly once, every hostile
 payload is dead-lettered exactly once with a reason, every faulty pump has its alert raised
-once, the ingester never ended by itself, and its counters add up (received = written +
-dead-lettered + duplicates + superseded). Nothing is mocked: a finding here is a finding in
-production.
+once (not twice, whatever the takeovers), no service ended by itself, and the ingester's
+counters add up (received = written + dead-lettered + duplicates + superseded). Nothing is
+mocked: a finding here is a finding in production.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.error
 import urllib.parse
 import urllib.request
 from collections import Counter
@@ -74,6 +77,8 @@ FULL_FAULTS = (
     FaultKind("db_immediate_shutdown", "db", 1, 120, "PostgreSQL crash (immediate), down for"),
     FaultKind("db_paused", "db", 1, 30, "PostgreSQL frozen with SIGSTOP for"),
     FaultKind("broker_restart", "broker", 0.2, 10, "mosquitto stopped, down for"),
+    FaultKind("alerting_sigkill", "alerting", 0.2, 10, "active alerting killed, restarted after"),
+    FaultKind("alerting_paused", "alerting", 1, 30, "active alerting frozen with SIGSTOP for"),
 )
 
 # The short profile (make test) keeps every kind but short lengths, so a minute holds them all.
@@ -157,6 +162,7 @@ class SoakReport:
     counters: dict[str, float] = field(default_factory=dict)
     counters_add_up: bool = False
     final_exit: str = ""
+    takeovers: int = 0
 
     @property
     def passed(self) -> bool:
@@ -190,7 +196,7 @@ class SoakReport:
             out.append(f"alerts not raised: {self.alerts_missing}")
         if self.alerts_doubled:
             out.append(f"alerts raised more than once: {self.alerts_doubled}")
-        out += [f"ingester ended by itself: {c}" for c in self.crashes]
+        out += [f"a service ended by itself: {c}" for c in self.crashes]
         if not self.counters_add_up:
             out.append(f"ingester counters do not add up: {self.counters}")
         if self.final_exit != "rc 0":
@@ -229,7 +235,8 @@ class SoakReport:
             f"{self.hostile_dead_lettered_once} of {sum(self.hostile.values())}",
             f"alerts raised exactly once             "
             f"{self.alerts_raised_once} of {self.alerts_expected}",
-            f"ingester ended by itself               {len(self.crashes)}",
+            f"services ended by themselves           {len(self.crashes)}",
+            f"alerting takeovers                     {self.takeovers}",
             f"SIGTERM exits                          {dict(self.sigterm_exits)}",
             f"counters add up                        {self.counters_add_up}",
         ]
@@ -407,11 +414,17 @@ def _acked(info: mqtt.MQTTMessageInfo) -> bool:
 # the ingester, run as an operator runs it ---------------------------------------------------------
 
 
-class _IngesterProcess:
-    """`pumpfleet ingest` as a child process; any exit the soak did not cause is a crash."""
+class _Service:
+    """`pumpfleet ingest` or `pumpfleet alerting` as a child process; any exit the soak did not
+    cause is a crash."""
 
-    def __init__(self, env: dict[str, str], log: Path) -> None:
-        self.env, self.log = env, log
+    def __init__(self, command: str, env: dict[str, str], log: Path) -> None:
+        self.command, self.env, self.log = command, env, log
+        self.port_var = (
+            "PUMPFLEET_INGEST__METRICS_PORT"
+            if command == "ingest"
+            else "PUMPFLEET_ALERTS__METRICS_PORT"
+        )
         self.proc: asyncio.subprocess.Process | None = None
         self.port = 0
         self.expected_exit = False
@@ -420,10 +433,10 @@ class _IngesterProcess:
 
     async def start(self) -> None:
         self.port = stack_mod.free_port()
-        env = {**self.env, "PUMPFLEET_INGEST__METRICS_PORT": str(self.port)}
+        env = {**self.env, self.port_var: str(self.port)}
         with self.log.open("ab") as out:
             self.proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "pumpfleet.cli", "ingest", env=env, stdout=out, stderr=out
+                sys.executable, "-m", "pumpfleet.cli", self.command, env=env, stdout=out, stderr=out
             )
         self.expected_exit = False
         self._watch = asyncio.create_task(self._watch_exit(self.proc))
@@ -433,14 +446,17 @@ class _IngesterProcess:
         if self.expected_exit or proc is not self.proc:
             return
         tail = self.log.read_text(errors="replace").strip().splitlines()[-3:]
-        self.crashes.append(f"rc {rc}: {' | '.join(tail)}")
+        self.crashes.append(f"{self.command} rc {rc}: {' | '.join(tail)}")
         await asyncio.sleep(1.0)  # a supervisor's restart delay
         if proc is self.proc and not self.expected_exit:
             await self.start()
 
     async def signal(self, sig: int, timeout: float = 60.0) -> str:
-        """Send `sig` and wait for the exit; 'rc N' or 'hung' (then killed)."""
+        """Send `sig` and wait for the exit; 'rc N' or 'hung' (then killed). SIGTERM waits
+        until the process is up (its handlers installed): before that, a stop is a kill."""
         assert self.proc is not None
+        if sig == signal.SIGTERM:
+            await _until(self.up, 30, f"{self.command} up", soft=True)
         self.expected_exit = True
         proc = self.proc
         with contextlib.suppress(ProcessLookupError):
@@ -463,12 +479,26 @@ class _IngesterProcess:
                 out[m.group(1)] = float(m.group(2))
         return out
 
-    def healthy(self) -> bool:
+    def health(self) -> dict[str, Any] | None:
+        """/healthz's JSON (also on 503), or None when nothing answers."""
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/healthz", timeout=2) as r:
-                return bool(r.status == 200)
-        except OSError:
-            return False
+                return dict(json.loads(r.read()))
+        except urllib.error.HTTPError as exc:
+            return dict(json.loads(exc.read()))
+        except (OSError, ValueError):
+            return None
+
+    def healthy(self) -> bool:
+        h = self.health()
+        return bool(h and h.get("ok"))
+
+    def up(self) -> bool:
+        return self.health() is not None
+
+    def active(self) -> bool:
+        h = self.health()
+        return bool(h and h.get("role") == "active")
 
 
 # the run ----------------------------------------------------------------------------------------
@@ -486,7 +516,8 @@ class _Chaos:
         self.busy: set[str] = set()
         self.tasks: set[asyncio.Task[None]] = set()
         self.t0 = time.monotonic()
-        self.ingester: _IngesterProcess | None = None
+        self.ingester: _Service | None = None
+        self.alerting: list[_Service] = []
         self.sigterm_exits: Counter[str] = Counter()
 
     def say(self, text: str) -> None:
@@ -553,6 +584,24 @@ class _Chaos:
                 await asyncio.sleep(rec.length_s)
             finally:
                 stack_mod.resume_database(pids)
+        elif name in ("alerting_sigkill", "alerting_paused"):
+            active = [a for a in self.alerting if await asyncio.to_thread(a.active)]
+            if not active:
+                rec.outcome = "ok"
+                rec.length_s = 0.0
+                return  # between takeovers: nothing to hit this time
+            target = active[0]
+            assert target.proc is not None
+            if name == "alerting_sigkill":
+                await target.signal(signal.SIGKILL)
+                await asyncio.sleep(rec.length_s)
+                await target.start()
+            else:
+                target.proc.send_signal(signal.SIGSTOP)
+                try:
+                    await asyncio.sleep(rec.length_s)
+                finally:
+                    target.proc.send_signal(signal.SIGCONT)
         elif name == "broker_restart":
             await asyncio.to_thread(stack_mod.stop_broker, info)
             try:
@@ -600,12 +649,16 @@ async def _soak(cfg: SoakConfig, seed: int, info: stack_mod.StackInfo, run_dir: 
         "PUMPFLEET_INGEST__CLIENT_ID": "soak-ingest",
         "PUMPFLEET_LOG_LEVEL": "INFO",
     }
-    ingester = _IngesterProcess(env, run_dir / "ingest.log")
-    await ingester.start()
+    ingester = _Service("ingest", env, run_dir / "ingest.log")
+    alerting = [_Service("alerting", env, run_dir / f"alerting-{n}.log") for n in (1, 2)]
+    for service in (ingester, *alerting):
+        await service.start()
     await _until(lambda: ingester.healthy(), 60, f"ingester healthy (log: {ingester.log})")
+    await _until(lambda: any(a.active() for a in alerting), 60, f"an active alerting ({run_dir})")
 
     chaos = _Chaos(cfg, rng, info)
     chaos.ingester = ingester
+    chaos.alerting = alerting
     pub = _Publisher(cfg, random.Random(rng.getrandbits(64)), info.mqtt_url, faulty)
     pub.start()
     try:
@@ -641,24 +694,65 @@ async def _soak(cfg: SoakConfig, seed: int, info: stack_mod.StackInfo, run_dir: 
                 "statuses_superseded",
             )
         )
-        report.final_exit = await ingester.signal(signal.SIGTERM)
+        await _settle_alerts(db_url, faulty)
+        report.takeovers = sum(_takeovers(a) for a in alerting)
+        exits = [await s.signal(signal.SIGTERM) for s in (ingester, *alerting)]
+        bad = [
+            f"{s.command}: {e}"
+            for s, e in zip((ingester, *alerting), exits, strict=True)
+            if e != "rc 0"
+        ]
+        report.final_exit = "rc 0" if not bad else ", ".join(bad)
     finally:
         pub.stop_event.set()
         pub.close()
-        if ingester.proc is not None and ingester.proc.returncode is None:
-            ingester.expected_exit = True
-            ingester.proc.kill()
-            await ingester.proc.wait()
+        for service in (ingester, *alerting):
+            if service.proc is not None and service.proc.returncode is None:
+                service.expected_exit = True
+                service.proc.kill()
+                await service.proc.wait()
 
     report.faults = chaos.records
     report.sigterm_exits = chaos.sigterm_exits
-    report.crashes = ingester.crashes
+    report.crashes = ingester.crashes + [c for a in alerting for c in a.crashes]
     report.duplicates_published = pub.duplicates
     report.reordered_runs = pub.reordered
     report.hostile = Counter(pub.hostile.values())
     acked_keys = {k for k, i in pub.sent.items() if _acked(i)}
     await _count(db_url, report, acked_keys, set(pub.sent), pub.hostile, faulty)
     return report
+
+
+def _takeovers(service: _Service) -> int:
+    """Takeovers by this instance since its (last) start, from its /healthz."""
+    h = service.health()
+    return int(h.get("takeovers", 0)) if h else 0
+
+
+async def _settle_alerts(db_url: str, faulty: list[_Faulty], timeout: float = 60.0) -> None:
+    """Wait until alerting has judged everything stored (its feed is empty) and every faulty
+    pump's alert is there, or the deadline passes (the count then says what is missing)."""
+
+    async def settled() -> bool:
+        try:
+            conn = await asyncpg.connect(db_url)
+            try:
+                left = await conn.fetchval("SELECT count(*) FROM alert_feed")
+                raised = await conn.fetchval(
+                    "SELECT count(DISTINCT (pump_id, rule)) FROM alerts "
+                    "WHERE (pump_id, rule) IN (SELECT * FROM unnest($1::text[], $2::text[]))",
+                    [f.pump_id for f in faulty],
+                    [f.rule for f in faulty],
+                )
+            finally:
+                await conn.close()
+        except (OSError, asyncpg.PostgresError):
+            return False
+        return bool(left == 0 and raised == len(faulty))
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and not await settled():
+        await asyncio.sleep(0.5)
 
 
 async def _drain(db_url: str, n: int, timeout: float, say: Callable[[str], None]) -> None:

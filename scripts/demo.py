@@ -209,9 +209,16 @@ def main() -> None:
     ingest_log = RUN_DIR / "ingest.log"
     step(f"starting the ingester (logs: {ingest_log}, metrics: http://127.0.0.1:{port}/metrics)")
     ingester = pumpfleet("ingest", "--metrics-port", str(port), env=env, log=ingest_log)
+    alerting_port = stack.free_port()
+    alerting_log = RUN_DIR / "alerting.log"
+    step(f"starting the alerting service (logs: {alerting_log})")
+    alerting = pumpfleet(
+        "alerting", "--metrics-port", str(alerting_port), env=env, log=alerting_log
+    )
     agents: list[subprocess.Popen[bytes]] = []
     try:
         wait_healthy(port, ingest_log)
+        wait_healthy(alerting_port, alerting_log)
         print("   healthy")
 
         step(f"running {len(PUMPS)} pump agents at 3600x clock speed for {AGENT_SECONDS} s")
@@ -282,8 +289,10 @@ def main() -> None:
         for agent in agents:
             if agent.poll() is None:
                 agent.kill()
-        ingester.send_signal(signal.SIGTERM)
-        ingester.wait(30)
+        for service in (ingester, alerting):
+            service.send_signal(signal.SIGTERM)
+        for service in (ingester, alerting):
+            service.wait(30)
         alertmanager.stop(am)
     step(
         "done. The stack is still running: `.venv/bin/pumpfleet stack status`, "

@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import httpx
 import pytest
 
@@ -39,10 +40,13 @@ async def _until(check: Any, timeout: float, what: str) -> Any:
 
 
 class Pipeline:
-    """`pumpfleet ingest` with alerting, as a process, pointed at a real Alertmanager."""
+    """`pumpfleet ingest` and `pumpfleet alerting` as processes, pointed at a real Alertmanager."""
 
-    def __init__(self, info: stack_mod.StackInfo, dsn: str, am_url: str, log: Path) -> None:
+    def __init__(
+        self, info: stack_mod.StackInfo, dsn: str, am_url: str, log: Path, alerting: int = 1
+    ) -> None:
         self.port = stack_mod.free_port()
+        self.alerting_ports = [stack_mod.free_port() for _ in range(alerting)]
         self.env = {
             **os.environ,
             **info.to_env(),
@@ -56,21 +60,44 @@ class Pipeline:
             "PUMPFLEET_ALERTS__ALERTMANAGER_URL": am_url,
         }
         self.log = log
-        with log.open("ab") as out:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "pumpfleet.cli", "ingest"],
-                env=self.env,
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self._start("ingest")
+        self.alerting = [self._start("alerting", port) for port in self.alerting_ports]
+
+    def _start(self, command: str, port: int | None = None) -> subprocess.Popen[bytes]:
+        env = {**self.env, "PUMPFLEET_ALERTS__METRICS_PORT": str(port or 0)}
+        with self.log.open("ab") as out:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "pumpfleet.cli", command],
+                env=env,
                 stdout=out,
                 stderr=subprocess.STDOUT,
             )
+        self.procs.append(proc)
+        return proc
+
+    def restart_alerting(self, n: int) -> None:
+        self.alerting[n] = self._start("alerting", self.alerting_ports[n])
+
+    async def roles(self) -> list[str | None]:
+        """Each alerting instance's role from its /healthz (None: not answering)."""
+        out: list[str | None] = []
+        async with httpx.AsyncClient() as client:
+            for port in self.alerting_ports:
+                try:
+                    resp = await client.get(f"http://127.0.0.1:{port}/healthz", timeout=1)
+                    out.append(resp.json().get("role"))
+                except (httpx.HTTPError, ValueError):
+                    out.append(None)
+        return out
 
     async def healthy(self) -> bool:
         try:
             async with httpx.AsyncClient() as client:
-                resp = await client.get(f"http://127.0.0.1:{self.port}/healthz", timeout=1)
-                return resp.status_code == 200
+                ingest = await client.get(f"http://127.0.0.1:{self.port}/healthz", timeout=1)
         except httpx.HTTPError:
             return False
+        return ingest.status_code == 200 and "active" in await self.roles()
 
     def sim(self, *args: str, timeout: float) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
@@ -83,11 +110,13 @@ class Pipeline:
         )
 
     def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
+        for proc in self.procs:
+            proc.terminate()
+        for proc in self.procs:
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
 
 
 @pytest.fixture
@@ -180,3 +209,95 @@ async def test_healthy_fleet_raises_nothing_but_the_notices(pipeline: Pipeline) 
         timeout=400,
     )
     assert run.returncode == 0, f"sim run --check failed:\n{run.stdout[-4000:]}{run.stderr[-2000:]}"
+
+
+@pytest.fixture
+async def ha_pipeline(
+    own_stack: stack_mod.StackInfo, am: alertmanager.Alertmanager, tmp_path: Path
+) -> Any:
+    """The pipeline with two alerting instances, the faults scenario's profiles registered."""
+    dsn = own_stack.database_url
+    await schema.migrate(dsn)
+    assert await register_profiles(dsn, "faults") > 0
+    p = Pipeline(own_stack, dsn, am.url, tmp_path / "pipeline.log", alerting=2)
+    try:
+        await _until(p.healthy, 30, f"a healthy pipeline (log: {p.log})")
+        yield p
+    finally:
+        p.stop()
+
+
+SEED = int(os.environ.get("PUMPFLEET_TEST_SEED", uuid.uuid4().int % 10_000))
+
+
+async def test_killing_and_freezing_the_active_alerting_loses_and_doubles_nothing(
+    ha_pipeline: Pipeline, am: alertmanager.Alertmanager, own_stack: stack_mod.StackInfo
+) -> None:
+    """Mid-scenario, at seeded moments: SIGKILL the active instance (the standby takes over
+    within 10 s; the killed one comes back as standby), then freeze the new active one with
+    SIGSTOP past its lease and wake it (it must stand down, writing nothing). The scenario's
+    alerts are still exactly right, no transition is recorded twice and no notification is
+    queued twice."""
+    import random
+    import signal
+
+    rng = random.Random(SEED)
+    p = ha_pipeline
+    sim = asyncio.create_task(
+        asyncio.to_thread(
+            p.sim, "faults", "--speed", "2880", "--check", "--check-timeout", "60", timeout=400
+        )
+    )
+    await asyncio.sleep(rng.uniform(5, 25))  # a seeded moment of the fault scenario
+    roles = await p.roles()
+    first = roles.index("active")
+    p.alerting[first].send_signal(signal.SIGKILL)
+    p.alerting[first].wait(10)
+    killed_at = asyncio.get_running_loop().time()
+
+    async def other_active() -> bool:
+        return (await p.roles())[1 - first] == "active"
+
+    await _until(other_active, 10, f"the standby to take over (seed {SEED})")
+    takeover_s = asyncio.get_running_loop().time() - killed_at
+    p.restart_alerting(first)
+
+    await asyncio.sleep(rng.uniform(2, 10))
+    second = 1 - first
+    frozen = p.alerting[second]
+    frozen.send_signal(signal.SIGSTOP)
+    try:
+
+        async def first_active_again() -> bool:
+            return (await p.roles())[first] == "active"
+
+        await _until(first_active_again, 20, f"the restarted one to take over (seed {SEED})")
+    finally:
+        frozen.send_signal(signal.SIGCONT)
+
+    async def stood_down() -> bool:
+        return (await p.roles())[second] == "standby"
+
+    await _until(stood_down, 20, "the frozen instance to stand down once awake")
+
+    run = await sim
+    assert run.returncode == 0, (
+        f"seed {SEED}: sim run --check failed:\n{run.stdout[-4000:]}{run.stderr[-2000:]}"
+    )
+    assert takeover_s < 10
+    conn = await asyncpg.connect(own_stack.database_url)
+    try:
+        doubled = await conn.fetch(
+            "SELECT alert_id, phase, count(*) FROM alert_history WHERE phase IN ('start', 'end')"
+            " GROUP BY alert_id, phase HAVING count(*) > 1"
+        )
+        twice = await conn.fetch(
+            "SELECT receiver, alert_id, action, event, count(*) FROM alert_outbox"
+            " GROUP BY receiver, alert_id, action, event HAVING count(*) > 1"
+        )
+        epochs = await conn.fetchval("SELECT epoch FROM alerting_lease")
+    finally:
+        await conn.close()
+    assert not doubled, f"seed {SEED}: transitions recorded twice: {doubled}"
+    assert not twice, f"seed {SEED}: notifications queued twice: {twice}"
+    assert epochs >= 3  # first holder, the takeover after the kill, the one after the freeze

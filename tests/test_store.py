@@ -8,7 +8,7 @@ from datetime import UTC, datetime, timedelta
 import asyncpg
 import pytest
 
-from ingest.store import prepare, write_batch
+from ingest.store import DeadLetter, prepare, write_batch
 from pumpfleet import contract, schema
 from pumpfleet.testing import telemetry_fields
 
@@ -47,3 +47,31 @@ async def test_a_reused_seq_with_another_time_is_stored_however_it_is_batched(
     assert sorted(r["time"] for r in rows) == [first.time, again.time]
     assert sum(len(r.new) for r in results) == 2  # both reach the rules
     assert sum(r.duplicates for r in results) == 1  # only the true copy is a duplicate
+
+
+@pytest.mark.parametrize("batching", ["one batch", "two batches"])
+async def test_a_redelivered_dead_letter_is_kept_once_and_counted_as_a_duplicate(
+    database_url: str, batching: str
+) -> None:
+    """Found by the chaos soak: an ingester killed between committing a dead letter and
+    acknowledging it got the same bytes again and kept them twice."""
+    await schema.migrate(database_url)
+    topic = contract.topic("D-000001", "telemetry")
+    bad = DeadLetter(topic, b'{"seq": ', "Invalid JSON", NOW)
+    other_topic = DeadLetter(contract.topic("D-000002", "telemetry"), b'{"seq": ', "x", NOW)
+    conn = await asyncpg.connect(database_url)
+    try:
+        await prepare(conn)
+        if batching == "one batch":
+            results = [await write_batch(conn, [], [bad, bad, other_topic])]
+        else:
+            results = [
+                await write_batch(conn, [], [bad]),
+                await write_batch(conn, [], [bad, other_topic]),
+            ]
+        stored = await conn.fetchval("SELECT count(*) FROM dead_letter")
+    finally:
+        await conn.close()
+    assert stored == 2  # the same bytes on another topic are another message
+    assert sum(r.dead_letters for r in results) == 2
+    assert sum(r.duplicates for r in results) == 1

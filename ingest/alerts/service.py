@@ -1,16 +1,21 @@
-"""Alerting inside the ingester: rule engine -> alert book -> notifier.
+"""The alerting service: stored messages -> rule engine -> alert book -> notifier.
 
-`Alerting.on_commit` is the Ingester's hook: after each committed batch it runs the rules over
-the first-seen messages and applies their Findings to the book in one transaction. `run()`
-beside the ingester drives what happens without a message: the rules' watchdog (telemetry
-silence), the escalation of unacknowledged high alerts, and the notifier.
+`pumpfleet alerting` runs it apart from the ingesters (ingest/alerts/README.md). It reads the
+feed the ingesters write in the same transaction as each first-stored message (`alert_feed`,
+urgent alarm events first, then in stored order), runs the rules, and applies their Findings to
+the book and deletes the feed rows it handled in one transaction: every stored message reaches
+the rules exactly once, whatever restarts. `run()` also drives what happens without a message:
+the rules' watchdog (telemetry silence), the escalation of unacknowledged high alerts, and the
+notifier. `AlertingService` runs one active instance per fleet and any number of standbys,
+chosen by a lease (ingest/alerts/lease.py).
+
+`on_commit` applies a batch in process (tests, or an Ingester hook for a single-process lab).
 
 `start()` rebuilds what a restart lost: the open alerts, the pumps' profiles, and the rules'
 per-pump state, replayed from the last `warm_hours` of telemetry and events (`warm`, which
 yields no Findings, so a restart never re-raises what is already open).
 
-Rule state is per pump, so a pump's messages must all reach one Alerting: run one ingester with
-alerting on, or route each pump to one owner (ingest/alerts/README.md).
+Rule state is per pump, so one active instance sees every message: the lease makes sure of it.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ import asyncpg
 
 from ingest import rules
 from ingest.alerts.book import CHANNEL, Book, BookPolicy, Transition
+from ingest.alerts.lease import Lease, LeaseLost
 from ingest.alerts.notify import Notifier, receivers
 from ingest.findings import Finding
 from pumpfleet import contract
@@ -47,8 +53,14 @@ _DB_ERRORS = (
     TimeoutError,
     asyncpg.PostgresConnectionError,
     asyncpg.InterfaceError,
+    asyncpg.InternalClientError,
     asyncpg.CannotConnectNowError,
+    asyncpg.exceptions.OperatorInterventionError,
 )
+FEED_CHANNEL = "pumpfleet_feed"
+FEED_BATCH = 2000
+"""Feed rows per transaction: large enough to keep up with a draining backlog, small enough
+that an urgent row stored meanwhile waits at most one batch (a few tens of milliseconds)."""
 
 
 class RuleEngine(Protocol):
@@ -79,6 +91,7 @@ def default_profile(row: Mapping[str, Any]) -> rules.PumpProfile:
 
 @dataclass(slots=True)
 class AlertingStats:
+    observed: int = 0
     findings: int = 0
     transitions: int = 0
     engine_errors: int = 0
@@ -96,6 +109,7 @@ class Alerting:
         *,
         profile_factory: ProfileFactory | None = default_profile,
         clock: Callable[[], datetime | None] | None = None,
+        lease: Lease | None = None,
     ) -> None:
         self.settings = settings
         self.cfg = settings.alerts
@@ -108,7 +122,10 @@ class Alerting:
                 receivers=receivers(self.cfg),
             )
         )
-        self.notifier = Notifier(self.cfg, settings.database_url.get_secret_value())
+        self.dsn = settings.database_url.get_secret_value()
+        if lease is not None:
+            self.dsn = lease.dsn(self.dsn)
+        self.notifier = Notifier(self.cfg, self.dsn)
         self.stats = AlertingStats()
         self._clock = clock
         self._fleet_now: datetime | None = None
@@ -117,8 +134,11 @@ class Alerting:
         self._dirty: set[int] = set()
         self._profiles: dict[str, tuple[Any, ...]] = {}
         self._stopping = asyncio.Event()
+        self._feed_wake = asyncio.Event()
+        self.lease = lease
         # On the wall clock, silence counts from arrival, not from a device clock that may be off.
         self._received_at = self.cfg.clock == "wall" and _accepts(engine.observe, "received_at")
+        self._fleet_ticks = self.cfg.clock == "fleet" and clock is None
 
     # clock -------------------------------------------------------------------------------------
 
@@ -156,15 +176,39 @@ class Alerting:
         )
 
     async def on_commit(self, msgs: Sequence[Message]) -> None:
-        """The Ingester's hook: rules over the batch, then one transaction for its Findings."""
+        """Rules over a batch, then one transaction for its Findings (in process)."""
+        findings = self._observe(msgs)
+        if not findings:
+            return
+        try:
+            await self.apply(findings)
+        except LeaseLost:
+            raise
+        except Exception:  # a bug here must not stop ingestion: say so loudly and go on
+            self.stats.apply_errors += 1
+            log.exception("alert book failed; findings dropped", extra={"findings": len(findings)})
+
+    def _observe(self, msgs: Sequence[Message]) -> list[Finding]:
+        """Run the rules over messages; one that fails is logged and the rest go on."""
         findings: list[Finding] = []
+        self.stats.observed += len(msgs)
         latest = self._fleet_now
         arrived = datetime.now(UTC)
         for msg in msgs:
-            # Statuses do not move the fleet clock: a retained one replays an old device time,
-            # or any time at all, to every new subscriber.
-            if msg.kind != "status" and (latest is None or msg.time > latest):
+            # Only telemetry moves the fleet clock: a retained status replays an old device
+            # time (or any time) to every new subscriber, and events take the urgent lane, so
+            # they may be stored before the telemetry that precedes them.
+            if msg.kind == "telemetry" and (latest is None or msg.time > latest):
                 latest = msg.time
+                if self._fleet_ticks:
+                    # On the fleet clock the watchdog's time is the data's: while a backlog
+                    # drains (after a takeover, say), what fell due before this message is
+                    # judged at its own time, not a batch later.
+                    try:
+                        findings.extend(self.engine.tick(latest))
+                    except Exception:
+                        self.stats.engine_errors += 1
+                        log.exception("rule engine tick failed")
             try:
                 if self._received_at:
                     findings.extend(self.engine.observe(msg, received_at=arrived))  # type: ignore[call-arg]
@@ -177,20 +221,108 @@ class Alerting:
                     extra={"pump_id": msg.pump_id, "seq": msg.seq},
                 )
         self._fleet_now = latest
-        if not findings:
-            return
-        try:
-            await self.apply(findings)
-        except Exception:  # a bug here must not stop ingestion: say so loudly and go on
-            self.stats.apply_errors += 1
-            log.exception("alert book failed; findings dropped", extra={"findings": len(findings)})
+        return findings
 
     async def apply(self, findings: Sequence[Finding]) -> list[Transition]:
         """Apply Findings to the book, waiting out a database outage."""
         self.stats.findings += len(findings)
-        done = await self._with_db(lambda conn: self.book.apply(conn, findings))
+        done = await self._with_db(
+            lambda conn: self._fenced(conn, lambda c: self.book.apply(c, findings))
+        )
         self._applied(done)
         return done
+
+    async def _fenced(
+        self, conn: asyncpg.Connection, action: Callable[[asyncpg.Connection], Awaitable[T]]
+    ) -> T:
+        """`action` in a transaction that first checks this instance still holds the lease."""
+        if self.lease is None:
+            return await action(conn)
+        async with conn.transaction():
+            await self.lease.check(conn)
+            return await action(conn)
+
+    # the feed ----------------------------------------------------------------------------------
+
+    async def consume_once(self, limit: int = FEED_BATCH) -> int:
+        """One feed batch: read, run the rules, then apply and delete in one transaction.
+
+        The rules see the batch once: a failed commit is retried with the same Findings (the
+        feed rows are still there, the transaction having rolled back), never re-observed."""
+        rows = await self._with_db(lambda conn: conn.fetch(_FEED_SQL, limit))
+        if not rows:
+            return 0
+        msgs: list[Message] = []
+        for row in rows:
+            if row["doc"] is None:  # the stored row is gone (retention ran first): nothing to do
+                continue
+            try:
+                msgs.append(
+                    contract.decode(contract.topic(row["pump_id"], row["kind"]), row["doc"])
+                )
+            except contract.ContractError as exc:
+                log.warning(
+                    "stored message no longer valid; not judged",
+                    extra={"pump_id": row["pump_id"], "seq": row["seq"], "error": str(exc)},
+                )
+        findings = self._observe(msgs)
+        ids = [row["id"] for row in rows]
+        self.stats.findings += len(findings)
+
+        async def commit(conn: asyncpg.Connection) -> list[Transition]:
+            done = await self.book.apply(conn, findings) if findings else []
+            await conn.execute("DELETE FROM alert_feed WHERE id = ANY($1::int8[])", ids)
+            return done
+
+        async def fenced(conn: asyncpg.Connection) -> list[Transition]:
+            async with conn.transaction():
+                if self.lease is not None:
+                    await self.lease.check(conn)
+                return await commit(conn)
+
+        self._applied(await self._with_db(fenced))
+        return len(rows)
+
+    async def _consume(self) -> None:
+        """Drain the feed; then sleep until a commit NOTIFYs or `poll_s` passes."""
+        while not self._stopping.is_set():
+            self._feed_wake.clear()
+            if await self.consume_once() >= FEED_BATCH:
+                continue
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._feed_wake.wait(), timeout=self.cfg.poll_s)
+
+    def _on_feed(self, conn: object, pid: int, channel: str, payload: str) -> None:
+        self._feed_wake.set()
+
+    async def _renew(self) -> None:
+        """Keep the lease while running; LeaseLost ends `run()` when another took it."""
+        assert self.lease is not None
+        lease = self.lease
+        conn: asyncpg.Connection | None = None
+        try:
+            while not self._stopping.is_set():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stopping.wait(), timeout=lease.renew_every_s)
+                if self._stopping.is_set():
+                    break
+                try:
+                    if conn is None or conn.is_closed():
+                        conn = await asyncpg.connect(self.dsn, timeout=lease.ttl_s)
+                    renewed = await asyncio.wait_for(lease.renew(conn), timeout=lease.ttl_s)
+                except (*_DB_ERRORS, asyncpg.PostgresError) as exc:
+                    log.warning(
+                        "alerting: lease not renewed; retrying", extra={"error": _one_line(exc)}
+                    )
+                    if conn is not None:
+                        conn.terminate()
+                    conn = None
+                    continue
+                if not renewed:
+                    raise LeaseLost(f"{lease.holder}: the lease was taken over")
+        finally:
+            if conn is not None:
+                conn.terminate()
 
     async def tick(self) -> list[Transition]:
         """One watchdog round: the rules' tick, then the unacknowledged-escalation check."""
@@ -204,32 +336,63 @@ class Alerting:
             log.exception("rule engine tick failed")
             findings = []
         done = await self.apply(findings) if findings else []
-        escalated = await self._with_db(lambda conn: self.book.escalate_unacked(conn, now))
+        escalated = await self._with_db(
+            lambda conn: self._fenced(conn, lambda c: self.book.escalate_unacked(c, now))
+        )
         self._applied(escalated)
         return done + escalated
 
-    async def run(self) -> None:
-        """Watchdog, escalation and notifier until stop()."""
+    async def run(self, feed: bool = True) -> None:
+        """Feed, watchdog, escalation, notifier (and the lease) until stop(); raises LeaseLost
+        when another instance took over, after stopping everything this one ran."""
         notifier = asyncio.create_task(self.notifier.run(self._stopping), name="notifier")
-        next_profiles = asyncio.get_running_loop().time() + _PROFILE_REFRESH_S
+        workers = [asyncio.create_task(self._watchdog(), name="watchdog")]
+        if feed:
+            workers.append(asyncio.create_task(self._consume(), name="feed"))
+        if self.lease is not None:
+            workers.append(asyncio.create_task(self._renew(), name="lease"))
         try:
-            while not self._stopping.is_set():
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._stopping.wait(), timeout=self.cfg.tick_s)
-                if self._stopping.is_set():
-                    break
-                try:
-                    await self.tick()
-                    if asyncio.get_running_loop().time() >= next_profiles:
-                        next_profiles = asyncio.get_running_loop().time() + _PROFILE_REFRESH_S
-                        await self._with_db(self._refresh_profiles)
-                except Exception:  # keep watching: one failed round must not end the watchdog
-                    log.exception("alerting round failed; trying again next tick")
+            done, _ = await asyncio.wait(workers, return_when=asyncio.FIRST_EXCEPTION)
+            failed = [t for t in done if not t.cancelled() and t.exception() is not None]
+            if failed:
+                raise failed[0].exception()  # type: ignore[misc]
         finally:
             self._stopping.set()
+            for t in workers:
+                t.cancel()
+            await asyncio.gather(*workers, return_exceptions=True)
             await notifier
+            await self._release()
             await self.close()
             log.info("alerting stopped", extra=dataclasses.asdict(self.stats))
+
+    async def _watchdog(self) -> None:
+        next_profiles = asyncio.get_running_loop().time() + _PROFILE_REFRESH_S
+        while not self._stopping.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), timeout=self.cfg.tick_s)
+            if self._stopping.is_set():
+                break
+            try:
+                await self.tick()
+                if asyncio.get_running_loop().time() >= next_profiles:
+                    next_profiles = asyncio.get_running_loop().time() + _PROFILE_REFRESH_S
+                    await self._with_db(self._refresh_profiles)
+            except LeaseLost:
+                raise
+            except Exception:  # keep watching: one failed round must not end the watchdog
+                log.exception("alerting round failed; trying again next tick")
+
+    async def _release(self) -> None:
+        """On a clean stop, hand the lease over at once."""
+        if self.lease is None or self.lease.epoch is None:
+            return
+        with contextlib.suppress(Exception):
+            conn = await asyncpg.connect(self.dsn, timeout=5)
+            try:
+                await asyncio.wait_for(self.lease.release(conn), timeout=5)
+            finally:
+                await conn.close()
 
     def stop(self) -> None:
         self._stopping.set()
@@ -249,10 +412,9 @@ class Alerting:
         delay = 0.5
         while True:
             try:
-                conn = await asyncpg.connect(
-                    self.settings.database_url.get_secret_value(), timeout=10
-                )
+                conn = await asyncpg.connect(self.dsn, timeout=10)
                 await conn.add_listener(CHANNEL, self._on_notify)
+                await conn.add_listener(FEED_CHANNEL, self._on_feed)
                 break
             except (*_DB_ERRORS, asyncpg.PostgresError) as exc:
                 log.warning(
@@ -264,6 +426,7 @@ class Alerting:
         if self._conn is not None:  # a reconnect: NOTIFYs may have been missed meanwhile
             await self.book.load(conn)
             self._dirty.clear()
+            self._feed_wake.set()
         self._conn = conn
         return conn
 
@@ -376,30 +539,67 @@ class Alerting:
                         "rule engine failed warming",
                         extra={"pump_id": msg.pump_id, "seq": msg.seq},
                     )
-                if msg.kind != "status" and (self._fleet_now is None or msg.time > self._fleet_now):
+                if msg.kind == "telemetry" and (
+                    self._fleet_now is None or msg.time > self._fleet_now
+                ):
                     self._fleet_now = msg.time
                 count += 1
+        warm_done = getattr(self.engine, "warm_done", None)
+        if warm_done is not None:
+            warm_done()
         self.stats.warmed = count
         return count
 
 
 # Stored rows as the wire messages they were: telemetry's columns are the message's fields; an
-# event's body is the message itself; the latest status is all that is kept of statuses.
-_WARM_SQL = """
+# event's body is the message itself; statuses come from their log.
+_TELEMETRY_DOC = """jsonb_strip_nulls(to_jsonb(t) - 'received_at')
+               || jsonb_build_object('v', coalesce(t.v, 1), 'kind', 'telemetry')"""
+_STATUS_DOC = """jsonb_build_object(
+               'v', 1, 'kind', 'status', 'pump_id', s.pump_id, 'time', s.time, 'seq', s.seq,
+               'online', s.online, 'reason', s.reason)"""
+_IN_FEED = """EXISTS (SELECT 1 FROM alert_feed f WHERE f.pump_id = {a}.pump_id
+                  AND f.seq = {a}.seq AND f.time = {a}.time AND f.kind = '{kind}')"""
+
+# History for a restart, minus what still waits in the feed (it is judged from there).
+_WARM_SQL = f"""
 SELECT pump_id, seq, kind, doc::text AS doc FROM (
-    SELECT t.pump_id, t.seq, 'telemetry' AS kind,
-           jsonb_strip_nulls(to_jsonb(t) - 'received_at')
-               || jsonb_build_object('v', coalesce(t.v, 1), 'kind', 'telemetry') AS doc
-    FROM telemetry t WHERE t.time >= $1
+    SELECT t.pump_id, t.seq, 'telemetry' AS kind, {_TELEMETRY_DOC} AS doc
+    FROM telemetry t WHERE t.time >= $1 AND NOT {_IN_FEED.format(a="t", kind="telemetry")}
     UNION ALL
-    SELECT pump_id, seq, 'event', body FROM events WHERE time >= $1
+    SELECT e.pump_id, e.seq, 'event', e.body FROM events e
+    WHERE e.time >= $1 AND NOT {_IN_FEED.format(a="e", kind="event")}
     UNION ALL
-    SELECT pump_id, seq, 'status', jsonb_build_object(
-               'v', 1, 'kind', 'status', 'pump_id', pump_id, 'time', time, 'seq', seq,
-               'online', online, 'reason', reason)
-    FROM pump_status WHERE time >= $1
+    SELECT s.pump_id, s.seq, 'status', {_STATUS_DOC} FROM status_log s
+    WHERE s.time >= $1 AND NOT {_IN_FEED.format(a="s", kind="status")}
 ) m
 ORDER BY pump_id, seq
+"""
+
+# The next feed rows with their messages. Which rows: every row up to its pump's newest urgent
+# one (a pump's own alarm), then the oldest; for each pump a prefix of its rows, read in stored
+# order, so per-pump order holds while an alarm overtakes other pumps' backlog. Statuses come
+# from their log (pump_status may hold a newer one by then).
+_FEED_SQL = f"""
+WITH u AS (SELECT pump_id, max(id) AS upto FROM alert_feed WHERE urgent GROUP BY pump_id),
+first AS (SELECT f.id FROM alert_feed f JOIN u USING (pump_id) WHERE f.id <= u.upto
+          ORDER BY f.id LIMIT $1),
+oldest AS (SELECT id FROM alert_feed ORDER BY id LIMIT $1),
+pick AS (SELECT id FROM (SELECT id, 0 AS p FROM first UNION ALL SELECT id, 1 FROM oldest) x
+         GROUP BY id ORDER BY min(p), id LIMIT $1),
+f AS (SELECT a.* FROM alert_feed a JOIN pick USING (id))
+SELECT f.id, f.pump_id, f.seq, f.kind, d.doc::text AS doc
+FROM f LEFT JOIN LATERAL (
+    SELECT {_TELEMETRY_DOC} AS doc FROM telemetry t
+    WHERE f.kind = 'telemetry' AND t.pump_id = f.pump_id AND t.time = f.time AND t.seq = f.seq
+    UNION ALL
+    SELECT e.body FROM events e
+    WHERE f.kind = 'event' AND e.pump_id = f.pump_id AND e.time = f.time AND e.seq = f.seq
+    UNION ALL
+    SELECT {_STATUS_DOC} FROM status_log s
+    WHERE f.kind = 'status' AND s.pump_id = f.pump_id AND s.time = f.time AND s.seq = f.seq
+) d ON true
+ORDER BY f.id
 """
 
 
@@ -412,3 +612,159 @@ def _accepts(func: Callable[..., Any], name: str) -> bool:
 
 def _one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+
+
+# the service: one active instance, any number of standbys ---------------------------------------
+
+
+class AlertingService:
+    """`pumpfleet alerting`: stands by until it holds the lease, then runs an `Alerting` built
+    fresh (open alerts, profiles and rule state from the database) until it is stopped or loses
+    the lease, and stands by again. /healthz says which instance is active."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        engine_factory: Callable[[Settings], RuleEngine] = build_engine,
+        *,
+        poll_s: float = 1.0,
+    ) -> None:
+        self.settings = settings
+        self.engine_factory = engine_factory
+        self.lease = Lease(settings.alerts.lease_s)
+        self.poll_s = poll_s
+        self.takeovers = 0
+        self.lost = 0
+        self.current: Alerting | None = None
+        self.metrics_port: int | None = None
+        self._stopping = asyncio.Event()
+        self._db_ok = False
+
+    @property
+    def active(self) -> bool:
+        return self.current is not None and self.lease.epoch is not None
+
+    def healthy(self) -> tuple[bool, dict[str, object]]:
+        detail: dict[str, object] = {
+            "role": "active" if self.active else "standby",
+            "holder": self.lease.holder,
+            "epoch": self.lease.epoch,
+            "database_ok": self._db_ok,
+            "takeovers": self.takeovers,
+        }
+        return self._db_ok, detail
+
+    def stop(self) -> None:
+        self._stopping.set()
+        if self.current is not None:
+            self.current.stop()
+
+    async def run(self) -> None:
+        server = await self._serve_metrics()
+        try:
+            while not self._stopping.is_set():
+                if not await self._acquire():
+                    break
+                self.takeovers += 1
+                log.info(
+                    "alerting active",
+                    extra={"holder": self.lease.holder, "epoch": self.lease.epoch},
+                )
+                alerting = Alerting(
+                    self.settings, self.engine_factory(self.settings), lease=self.lease
+                )
+                self.current = alerting
+                try:
+                    if self._stopping.is_set():
+                        break
+                    await alerting.start()
+                    await alerting.run()
+                except LeaseLost as exc:
+                    self.lost += 1
+                    log.warning("alerting standing by: lease lost", extra={"error": str(exc)})
+                    await alerting.close()
+                finally:
+                    self.current = None
+                    self.lease.epoch = None
+        finally:
+            if server is not None:
+                server.close()
+
+    async def _acquire(self) -> bool:
+        """Wait for the lease (standby); False when stopped first."""
+        announced = False
+        conn: asyncpg.Connection | None = None
+        try:
+            while not self._stopping.is_set():
+                try:
+                    if conn is None or conn.is_closed():
+                        dsn = self.lease.dsn(self.settings.database_url.get_secret_value())
+                        conn = await asyncpg.connect(dsn, timeout=10)
+                    got = await asyncio.wait_for(self.lease.try_acquire(conn), timeout=10)
+                    self._db_ok = True
+                    if got:
+                        return True
+                    if not announced:
+                        who = await Lease.who(conn)
+                        log.info("alerting standing by", extra={"active": who[0] if who else None})
+                        announced = True
+                except (*_DB_ERRORS, asyncpg.PostgresError) as exc:
+                    if self._db_ok or not announced:
+                        log.warning(
+                            "alerting: database unavailable; retrying",
+                            extra={"error": _one_line(exc)},
+                        )
+                        announced = True
+                    self._db_ok = False
+                    if conn is not None:
+                        conn.terminate()
+                    conn = None
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stopping.wait(), timeout=self.poll_s)
+            return False
+        finally:
+            if conn is not None:
+                conn.terminate()
+
+    async def _serve_metrics(self) -> asyncio.Server | None:
+        from prometheus_client import CollectorRegistry
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        from ingest.metrics import http_endpoint
+
+        cfg = self.settings.alerts
+        if cfg.metrics_port is None:
+            return None
+        service = self
+
+        class _Collector:
+            def collect(self) -> Any:
+                yield GaugeMetricFamily(
+                    "pumpfleet_alerting_active",
+                    "1 on the instance that holds the lease",
+                    value=1.0 if service.active else 0.0,
+                )
+                yield CounterMetricFamily(
+                    "pumpfleet_alerting_takeovers",
+                    "Times this instance became the active one",
+                    value=service.takeovers,
+                )
+                yield CounterMetricFamily(
+                    "pumpfleet_alerting_leases_lost",
+                    "Times another instance took the lease from this one",
+                    value=service.lost,
+                )
+                stats = service.current.stats if service.current else AlertingStats()
+                for name, value in dataclasses.asdict(stats).items():
+                    yield CounterMetricFamily(
+                        f"pumpfleet_alerting_{name}",
+                        f"{name} since this instance became active",
+                        value=value,
+                    )
+
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(_Collector())
+        server = await http_endpoint(cfg.metrics_host, cfg.metrics_port, registry, self.healthy)
+        if server is not None:
+            self.metrics_port = server.sockets[0].getsockname()[1]
+        return server

@@ -116,6 +116,17 @@ class RuleEngine:
         finally:
             self._quiet = False
 
+    def warm_done(self) -> None:
+        """History replayed: seqs missing from it are not losses. Stored history keeps only
+        each pump's latest status, so the statuses between readings are always missing from
+        it; a loss before the restart was reported then, and its open alert is restored."""
+        for p in self._pumps.values():
+            g = p.state.get("gaps")
+            if g is not None:
+                g.missing.clear()
+                g.lost.clear()
+                g.lost_count = 0
+
     def tick(self, now: datetime) -> list[Finding]:
         """The watchdog: silence, post-MRI deadlines, lost seqs, expiring notices, EOS dates.
 

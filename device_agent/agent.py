@@ -1,36 +1,40 @@
 """The pump agent: driver output -> contract-valid messages -> on-disk outbox -> MQTT, QoS 1.
 
-One thread drives everything (`poll`): it advances the driver, queues what it produced, runs the
-paho network loop (whose callbacks therefore run on this thread too) and feeds the broker from the
-outbox in seq order, at most `inflight` unacknowledged publishes at a time. Each connection gets a
-fresh paho client: when a connection ends, everything unacknowledged goes back to "not sent" and
-the next connection starts again from the lowest queued seq. Reconnecting after an outage and
-restarting after SIGKILL are therefore the same code path, and order holds across both.
+An asyncio program on aiomqtt (`arun`, or `run` from a thread or the CLI). Two loops run at once:
+the producer advances the driver every tick and queues what it produced; the connection loop
+connects (capped exponential backoff with jitter) and, while connected, keeps up to `inflight`
+publishes awaiting their PUBACK, handed to the client in seq order. A message is deleted from the
+outbox only after its PUBACK. Each connection gets a fresh client: when a connection ends, every
+unacknowledged publish is cancelled and goes back to "not sent", and the next connection starts
+again from the lowest queued seq. Reconnecting after an outage and restarting after SIGKILL are
+therefore the same code path, and order holds across both.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import logging
+import math
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import Enum
 from typing import Any
 
-import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
+import aiomqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
-from paho.mqtt.reasoncodes import ReasonCode
 
 from pumpfleet import contract
 from pumpfleet.broker import BrokerOptions
 
+from ._mqtt import Link
 from .driver import Observation, PumpDriver
-from .store import Entry, Store, Will
+from .store import Entry, Queued, Store, Will
 
 __all__ = ["Agent", "AgentStats", "BrokerOptions", "build_entry", "client_id"]
 
@@ -63,7 +67,7 @@ class AgentStats:
     published: int = 0
     acked: int = 0
     rejected: int = 0
-    """PUBACKs with an error reason code: kept on disk and sent again after a reconnect."""
+    """PUBACKs with an MQTT 5 error reason code: kept on disk, sent again after a reconnect."""
     thinned: int = 0
     lost: int = 0
     """Observations flagged `lost` by a simulator: given a seq, never sent (a sequence gap)."""
@@ -133,21 +137,15 @@ def _json_default(value: Any) -> Any:
 # the agent --------------------------------------------------------------------------------------
 
 
-class _State(Enum):
-    IDLE = "idle"  # no connection; next attempt at _retry_at
-    CONNECTING = "connecting"  # CONNECT sent, waiting for CONNACK
-    CONNECTED = "connected"
-
-
-_WILL_DISCONNECT = 0x04  # MQTT 5 "disconnect with will message"
-_AGAIN = MQTTErrorCode.MQTT_ERR_AGAIN
+class _ConnectFailed(Exception):
+    """The broker did not accept the connection; the message says why (for the log)."""
 
 
 class Agent:
     """Publishes one pump's telemetry, events and status; loses nothing while offline.
 
-    Drive it with `run()` (until `request_stop()`), or call `poll()` from your own loop and
-    `close()` at the end. It never closes the store it was given.
+    Run it with `await agent.arun()` or `agent.run()` (which owns an event loop) until
+    `request_stop()`. It never closes the store it was given.
     """
 
     def __init__(
@@ -184,104 +182,65 @@ class Agent:
         self.session_expiry_s = session_expiry_s
         self.stats = AgentStats()
         self._status_topic = contract.topic(self.pump_id, contract.Kind.STATUS)
-        self._client: mqtt.Client | None = None
-        self._state = _State.IDLE
+        self._connected = False
         self._will: Will | None = None
         self._window = inflight
-        self._inflight: dict[int, float] = {}  # seq -> monotonic time handed to paho
-        self._mids: dict[int, int] = {}  # paho mid -> seq
-        self._acked: list[int] = []
+        self._sending: dict[asyncio.Task[None], int] = {}  # publish awaiting its PUBACK -> seq
+        self._acked: list[int] = []  # PUBACKed, not yet deleted from the store
         self._dirty = True  # the outbox may hold something to send
         self._release_at: float | None = None  # wall time a held-back message becomes due
-        self._retry_at = 0.0
-        self._backoff = reconnect_min_s
-        self._deadline = 0.0
-        self._lost: str | None = None  # why the current connection must end
         self._failure_streak: list[str] = []
         self._over_limit = False
         self._stop_requested = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop = asyncio.Event()
+        self._wake = asyncio.Event()  # for the sender: the outbox or the window changed
+        self._progress = asyncio.Event()  # acknowledgements were applied
 
     # public -------------------------------------------------------------------------------------
 
     @property
     def connected(self) -> bool:
-        return self._state is _State.CONNECTED
+        return self._connected
 
     @property
     def in_flight(self) -> int:
-        """Publishes handed to paho and not yet acknowledged."""
-        return len(self._mids)
+        """Publishes handed to the client and not yet acknowledged."""
+        return len(self._sending)
 
     def request_stop(self) -> None:
-        """Ask `run()` to finish; safe from a signal handler (it only sets a flag)."""
+        """Ask `run()` / `arun()` to stop cleanly; safe from a signal handler or another thread."""
         self._stop_requested = True
+        loop = self._loop
+        if loop is not None:
+            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+                loop.call_soon_threadsafe(self._stop.set)
 
     def run(self, poll_s: float = 0.25, flush_timeout_s: float = 5.0) -> None:
-        """Poll until `request_stop()`, then stop cleanly (`close`)."""
+        """`arun()` in an event loop of its own (the CLI's way, or a thread's)."""
+        asyncio.run(self.arun(poll_s, flush_timeout_s))
+
+    async def arun(self, poll_s: float = 0.25, flush_timeout_s: float = 5.0) -> None:
+        """Until `request_stop()`: queue what the pump produced every `poll_s`, keep a connection
+        and send the outbox over it. Then stop cleanly (see `_say_offline_and_drain`)."""
+        self._loop = asyncio.get_running_loop()
+        self._stop, self._wake, self._progress = asyncio.Event(), asyncio.Event(), asyncio.Event()
+        if self._stop_requested:
+            self._stop.set()
+        self.produce()  # before the first connection reserves its status seqs
+        producer = asyncio.create_task(self._produce_every(poll_s))
+        producer.add_done_callback(lambda _: self._stop.set())  # a failing driver stops us too
         try:
-            while not self._stop_requested:
-                self.poll(poll_s)
+            await self._stay_connected(flush_timeout_s)
         finally:
-            self.close(flush_timeout_s)
-
-    def poll(self, timeout_s: float = 0.25) -> None:
-        """One round: queue what the pump produced, move network traffic, send what is due."""
-        self._produce()
-        if self._client is None:
-            wait = self._retry_at - time.monotonic()
-            if wait > 0:
-                time.sleep(min(wait, timeout_s))
-                return
-            self._connect()
-            if self._client is None:
-                return
-        client = self._client
-        self._feed()
-        rc = client.loop(timeout_s)
-        if rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, _AGAIN):
-            self._lost = self._lost or f"network: {mqtt.error_string(rc)}"
-        if self._state is _State.CONNECTING and time.monotonic() > self._deadline:
-            self._lost = self._lost or f"no CONNACK within {self.connect_timeout_s:g}s"
-        self._apply_acks()
-        if self._lost is not None:
-            self._drop(self._lost)
-        else:
-            self._feed()
-
-    def close(self, flush_timeout_s: float = 5.0) -> None:
-        """Stop cleanly: publish the retained offline status, wait (bounded) for the outbox to
-        drain, then DISCONNECT, which tells the broker to discard the will.
-
-        The offline status reuses the will's reserved seq, so a clean stop leaves no seq gap;
-        it is the one message that may reach the broker after higher seqs. Whatever is not
-        acknowledged by the deadline stays on disk for the next start.
-        """
-        client = self._client
-        if client is None:  # offline: the broker already holds the will's offline status
+            self._loop = None
+            producer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await producer  # re-raises the driver's error, if that is why we stopped
             log.info("stopped", extra={"pump_id": self.pump_id, "backlog": len(self.store)})
-            return
-        if self._state is _State.CONNECTED and self._will and self._will.state == "armed":
-            self._queue_status(self._will.will_seq, online=False, reason=STOP_REASON)
-            self._will = Will(self._will.online_seq, self._will.will_seq, b"", "spent")
-            deadline = time.monotonic() + flush_timeout_s
-            while self._lost is None and len(self.store) and time.monotonic() < deadline:
-                self._feed()
-                if client.loop(0.05) not in (MQTTErrorCode.MQTT_ERR_SUCCESS, _AGAIN):
-                    break
-                self._apply_acks()
-        self._apply_acks()
-        if len(self.store):
-            log.warning(
-                "stopping with messages queued",
-                extra={"pump_id": self.pump_id, "backlog": len(self.store)},
-            )
-        client.disconnect()
-        self._forget_client()
-        log.info("stopped", extra={"pump_id": self.pump_id, "backlog": len(self.store)})
 
-    # producing ----------------------------------------------------------------------------------
-
-    def _produce(self) -> None:
+    def produce(self) -> None:
+        """Queue what the driver produced up to `clock()` (what every tick of `arun` does)."""
         entries = []
         for obs in self.driver.advance(self.clock()):
             try:
@@ -298,7 +257,7 @@ class Agent:
         lost = sum(e.lost for e in entries)
         self.stats.queued += len(result.seqs) - lost
         self.stats.lost += lost
-        self._dirty = True
+        self._changed()
         if result.thinned:
             self.stats.thinned += result.thinned
             log.warning(
@@ -316,6 +275,15 @@ class Agent:
             )
         self._over_limit = result.over_limit
 
+    # producing ----------------------------------------------------------------------------------
+
+    async def _produce_every(self, poll_s: float) -> None:
+        while True:
+            await _wait(self._stop.wait(), poll_s)
+            if self._stop.is_set():
+                return
+            self.produce()
+
     def _queue_status(self, seq: int, *, online: bool, reason: str | None) -> None:
         fields: dict[str, Any] = {"online": online}
         if reason:
@@ -325,9 +293,29 @@ class Agent:
             self.store.put(seq, entry)
             if not online:
                 self.store.set_will_state("spent")
+        self._changed()
+
+    def _changed(self) -> None:
         self._dirty = True
+        self._wake.set()
 
     # connecting ---------------------------------------------------------------------------------
+
+    async def _stay_connected(self, flush_timeout_s: float) -> None:
+        """Connect; when a connection ends, connect again, until a stop is requested."""
+        backoff = self.reconnect_min_s
+        while not self._stop.is_set():
+            try:
+                await self._connection(flush_timeout_s)
+            except _ConnectFailed as exc:
+                # Not fatal: the outbox keeps filling on disk. Jitter: a fleet must not stampede.
+                delay = backoff * random.uniform(0.8, 1.2)
+                backoff = min(backoff * 2, self.reconnect_max_s)
+                self._connect_failed(str(exc), delay)
+            else:
+                backoff = self.reconnect_min_s
+                delay = self.reconnect_min_s * random.uniform(0.5, 1.0)
+            await _wait(self._stop.wait(), delay)
 
     def _current_will(self) -> Will:
         """Reuse a will no broker has seen (same bytes), else reserve the next pair of seqs."""
@@ -340,63 +328,86 @@ class Agent:
             will = self.store.reserve_will(entry.payload)
         return will
 
-    def _connect(self) -> None:
-        self._will = self._current_will()
-        client = mqtt.Client(
-            callback_api_version=CallbackAPIVersion.VERSION2,
-            client_id=client_id(self.pump_id),
-            protocol=mqtt.MQTTv5,
-            reconnect_on_failure=False,
-        )
-        client.on_connect = self._on_connect
-        client.on_disconnect = self._on_disconnect
-        client.on_publish = self._on_publish
-        client.connect_timeout = self.connect_timeout_s
-        # The window is ours (`_feed`): paho sends whatever it is handed, immediately.
-        client.max_inflight_messages_set(0)
-        client.max_queued_messages_set(0)
-        if self.broker.username is not None:
-            client.username_pw_set(self.broker.username, self.broker.password)
-        if self.broker.tls:
-            client.tls_set_context(self.broker.tls_context())
-        client.will_set(self._status_topic, self._will.payload, qos=1, retain=True)
+    def _link(self, will: Will) -> Link:
         props = Properties(PacketTypes.CONNECT)
         props.SessionExpiryInterval = self.session_expiry_s
-        try:
-            client.connect(
-                self.broker.host,
-                self.broker.port,
-                keepalive=self.broker.keepalive_s,
-                clean_start=False,
-                properties=props,
-            )
-        except OSError as exc:  # refused, unreachable, DNS, TLS handshake, timeout
-            self._connect_failed(f"{type(exc).__name__}: {exc}")
-            return
-        self._client = client
-        self._state = _State.CONNECTING
-        self._deadline = time.monotonic() + self.connect_timeout_s
-        self._lost = None
+        link = Link(
+            self.broker.host,
+            self.broker.port,
+            identifier=client_id(self.pump_id),
+            username=self.broker.username,
+            password=self.broker.password,
+            protocol=aiomqtt.ProtocolVersion.V5,
+            clean_start=False,
+            properties=props,
+            will=aiomqtt.Will(self._status_topic, will.payload, qos=1, retain=True),
+            keepalive=self.broker.keepalive_s,
+            tls_context=self.broker.tls_context() if self.broker.tls else None,
+            # The window is ours (`_feed`): paho sends whatever it is handed, immediately.
+            max_inflight_messages=0,
+            max_queued_outgoing_messages=0,
+            connect_timeout_s=self.connect_timeout_s,
+        )
+        link.pending_calls_threshold = self.inflight  # a full window is no cause for a warning
+        return link
 
-    def _on_connect(
-        self,
-        client: mqtt.Client,
-        userdata: Any,
-        flags: mqtt.ConnectFlags,
-        reason_code: ReasonCode,
-        properties: Properties | None,
-    ) -> None:
-        if reason_code.is_failure:
-            self._lost = f"broker refused the connection: {reason_code}"
-            return
-        assert self._will is not None
-        receive_max = getattr(properties, "ReceiveMaximum", None)
-        self._window = min(self.inflight, int(receive_max)) if receive_max else self.inflight
-        self._state = _State.CONNECTED
+    async def _connection(self, flush_timeout_s: float) -> None:
+        """One connection, from CONNECT to its end (or to a clean stop).
+
+        Raises `_ConnectFailed` if the broker never accepted it.
+        """
+        will = self._current_will()
+        self._will = will
+        link = self._link(will)
+        try:
+            await link.__aenter__()
+        except aiomqtt.MqttError as exc:
+            raise _ConnectFailed(self._connect_error(exc)) from None
+        helpers = [asyncio.create_task(self._send(link)), asyncio.create_task(_watch(link))]
+        try:
+            self._connected = True
+            self._on_connected(link, will)
+            await _first(link.ended, self._stop.wait())
+            if not link.ended.done():
+                await self._say_offline_and_drain(link, flush_timeout_s)
+        finally:
+            self._connected = False
+            for task in helpers:
+                task.cancel()
+            if link.ended.done():
+                link.abandon()  # reason 0x04: the broker publishes the will (see `Link`)
+            with contextlib.suppress(aiomqtt.MqttError, OSError):
+                await link.__aexit__(None, None, None)  # a normal DISCONNECT: no will
+            # What is still unacknowledged is "not sent" again; the next connection resends it.
+            publishes = list(self._sending)
+            for task in publishes:
+                task.cancel()
+            await asyncio.gather(*helpers, *publishes, return_exceptions=True)
+            self._sending.clear()  # a task cancelled before its first step never ran `finally`
+            self._apply_acks()
+            self._changed()
+        if link.rejected:
+            self.stats.rejected += link.rejected
+            log.error(
+                "broker rejected a message; will resend after reconnecting",
+                extra={"pump_id": self.pump_id, "rejected": link.rejected},
+            )
+        if link.ended.done():
+            log.warning(
+                "connection lost; queueing on disk",
+                extra={
+                    "pump_id": self.pump_id,
+                    "error": link.ended.result(),
+                    "backlog": len(self.store),
+                },
+            )
+
+    def _on_connected(self, link: Link, will: Will) -> None:
+        self._window = min(self.inflight, link.receive_maximum or self.inflight)
         with self.store.transaction():
             self.store.set_will_state("armed")
-            self._queue_status(self._will.online_seq, online=True, reason=None)
-        self._will = Will(self._will.online_seq, self._will.will_seq, self._will.payload, "armed")
+            self._queue_status(will.online_seq, online=True, reason=None)
+        self._will = Will(will.online_seq, will.will_seq, will.payload, "armed")
         self.stats.connects += 1
         log.info(
             "connected",
@@ -406,36 +417,28 @@ class Agent:
                 "backlog": len(self.store),
                 "failed_attempts": len(self._failure_streak),
                 "window": self._window,
-                "session_present": flags.session_present,
+                "session_present": link.session_present,
             },
         )
         self._failure_streak.clear()
-        self._backoff = self.reconnect_min_s
-        self._dirty = True
 
-    def _on_disconnect(
-        self,
-        client: mqtt.Client,
-        userdata: Any,
-        flags: mqtt.DisconnectFlags,
-        reason_code: ReasonCode,
-        properties: Properties | None,
-    ) -> None:
-        self._lost = self._lost or f"disconnected: {reason_code}"
+    def _connect_error(self, exc: aiomqtt.MqttError) -> str:
+        if isinstance(exc, aiomqtt.MqttCodeError) and exc.rc is not None:
+            return f"broker refused the connection: {exc.rc}"
+        if str(exc) == "Operation timed out":  # aiomqtt's wait for CONNACK
+            return f"no CONNACK within {self.connect_timeout_s:g}s"
+        cause = exc.__context__  # refused, unreachable, DNS, TLS handshake, TCP timeout
+        return f"{type(cause).__name__}: {cause}" if cause else str(exc)
 
-    def _connect_failed(self, reason: str) -> None:
-        """Not fatal: the outbox keeps filling on disk; retry with capped exponential backoff."""
+    def _connect_failed(self, reason: str, retry_in_s: float) -> None:
         self.stats.connect_failures += 1
-        first = not self._failure_streak or reason not in self._failure_streak
+        first = reason not in self._failure_streak
         self._failure_streak.append(reason)
-        delay = self._backoff * random.uniform(0.8, 1.2)  # jitter: a fleet must not stampede
-        self._retry_at = time.monotonic() + delay
-        self._backoff = min(self._backoff * 2, self.reconnect_max_s)
         extra = {
             "pump_id": self.pump_id,
             "broker": self.broker.url,
             "error": reason,
-            "retry_in_s": round(delay, 1),
+            "retry_in_s": round(retry_in_s, 1),
             "backlog": len(self.store),
         }
         if first:
@@ -446,92 +449,111 @@ class Agent:
         else:
             log.debug("broker still unreachable", extra=extra)
 
-    def _drop(self, reason: str) -> None:
-        """End the current connection; unacknowledged messages are resent on the next one."""
-        client = self._client
-        was_connected = self._state is _State.CONNECTED
-        if client is not None:
-            # Reason 0x04 asks the broker to publish the will anyway: the pump is offline
-            # until we are back, and the will's reserved seq is not left unused.
-            client.disconnect(ReasonCode(PacketTypes.DISCONNECT, identifier=_WILL_DISCONNECT))
-        self._forget_client()
-        if was_connected:
-            log.warning(
-                "connection lost; queueing on disk",
-                extra={"pump_id": self.pump_id, "error": reason, "backlog": len(self.store)},
-            )
-            self._retry_at = time.monotonic() + self.reconnect_min_s * random.uniform(0.5, 1.0)
-        else:
-            self._connect_failed(reason)
+    async def _say_offline_and_drain(self, link: Link, flush_timeout_s: float) -> None:
+        """A clean stop: queue the retained offline status, wait (bounded) for the outbox to
+        drain; the caller then sends DISCONNECT, which tells the broker to discard the will.
 
-    def _forget_client(self) -> None:
-        self._client = None
-        self._state = _State.IDLE
-        self._inflight.clear()
-        self._mids.clear()
-        self._lost = None
-        self._dirty = True
+        The offline status reuses the will's reserved seq, so a clean stop leaves no seq gap;
+        it is the one message that may reach the broker after higher seqs. Whatever is not
+        acknowledged by the deadline stays on disk for the next start.
+        """
+        will = self._will
+        if will is not None and will.state == "armed":
+            self._queue_status(will.will_seq, online=False, reason=STOP_REASON)
+            self._will = Will(will.online_seq, will.will_seq, b"", "spent")
+            deadline = time.monotonic() + flush_timeout_s
+            while len(self.store) and not link.ended.done() and time.monotonic() < deadline:
+                self._progress.clear()
+                await _wait(_first(self._progress.wait(), link.ended), deadline - time.monotonic())
+        self._apply_acks()
+        if len(self.store):
+            log.warning(
+                "stopping with messages queued",
+                extra={"pump_id": self.pump_id, "backlog": len(self.store)},
+            )
 
     # sending ------------------------------------------------------------------------------------
 
-    def _feed(self) -> None:
-        """Hand the lowest-seq due messages to paho while the in-flight window has room.
+    async def _send(self, link: Link) -> None:
+        """Keep the window full from the outbox until cancelled (the connection ended)."""
+        while True:
+            self._wake.clear()
+            self._feed(link)
+            wait = None if self._release_at is None else max(0.0, self._release_at - time.time())
+            await _wait(self._wake.wait(), wait)
+
+    def _feed(self, link: Link) -> None:
+        """Start a publish for each of the lowest-seq due messages while the window has room.
 
         The window counts publishes (a duplicated message counts twice) and never exceeds the
-        broker's Receive Maximum.
+        broker's Receive Maximum. Order: each `_publish` task hands its message to the client in
+        its first step, and asyncio runs new tasks in the order they were created.
         """
-        client = self._client
-        if client is None or self._state is not _State.CONNECTED or self._lost is not None:
-            return
-        free = self._window - len(self._mids)
-        if free <= 0:
+        free = self._window - len(self._sending)
+        if free < max(1, self._window // 2):
+            return  # refill (and delete what was acknowledged) in batches of half a window
+        self._apply_acks()  # so that what is acknowledged is never sent again
+        if link.ended.done():
             return
         if not self._dirty and (self._release_at is None or time.time() < self._release_at):
             return
-        batch = self.store.due(free, exclude=self._inflight.keys())
-        now = time.monotonic()
+        batch = self.store.due(free, exclude=set(self._sending.values()))
         sent = 0
         for msg in batch:
             copies = 2 if msg.duplicate else 1
-            if copies > free - sent and (sent or self._mids):
+            if copies > free - sent and (sent or self._sending):
                 break
             for _ in range(copies):
-                info = client.publish(msg.topic, msg.payload, qos=1, retain=msg.retain)
-                if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
-                    self._lost = f"publish failed: {mqtt.error_string(info.rc)}"
-                    return
-                self._mids[info.mid] = msg.seq
+                self._sending[asyncio.create_task(self._publish(link, msg))] = msg.seq
                 self.stats.published += 1
                 sent += 1
-            self._inflight[msg.seq] = now
         self._dirty = len(batch) == free or sent < len(batch)
         self._release_at = None if self._dirty else self.store.next_release()
 
-    def _on_publish(
-        self,
-        client: mqtt.Client,
-        userdata: Any,
-        mid: int,
-        reason_code: ReasonCode,
-        properties: Properties | None,
-    ) -> None:
-        seq = self._mids.pop(mid, None)
-        if seq is None or seq not in self._inflight:
-            return  # the second copy of a duplicated message, or a dropped connection's
-        if reason_code.is_failure:
-            # Kept on disk; reconnecting resends from the lowest seq, so order holds.
-            self.stats.rejected += 1
-            log.error(
-                "broker rejected a message; will resend after reconnecting",
-                extra={"pump_id": self.pump_id, "seq": seq, "reason": str(reason_code)},
-            )
-            self._lost = self._lost or f"PUBACK {reason_code} for seq {seq}"
-            return
-        del self._inflight[seq]
-        self._acked.append(seq)
+    async def _publish(self, link: Link, msg: Queued) -> None:
+        """One QoS 1 publish, returning once its PUBACK arrived (a rejected one never returns)."""
+        try:
+            await link.publish(msg.topic, msg.payload, qos=1, retain=msg.retain, timeout=math.inf)
+        except aiomqtt.MqttError as exc:
+            link.end(f"publish failed: {exc}")
+        else:
+            self._acked.append(msg.seq)
+        finally:
+            task = asyncio.current_task()
+            if task is not None:
+                self._sending.pop(task, None)
+            self._wake.set()
 
     def _apply_acks(self) -> None:
+        """Delete acknowledged messages, in one commit per batch rather than one per PUBACK."""
         if self._acked:
             self.stats.acked += self.store.ack(self._acked)
             self._acked.clear()
             self._dirty = True
+            self._progress.set()
+
+
+async def _watch(link: Link) -> None:
+    """End the link when the broker or the network does (aiomqtt's message stream says so)."""
+    try:
+        async for _ in link.messages:
+            pass  # the agent subscribes to nothing
+    except aiomqtt.MqttError as exc:
+        link.end(f"disconnected: {exc.__cause__ or exc}")
+
+
+async def _first(*waits: Awaitable[Any]) -> None:
+    """Wait until any of `waits` is done; cancel the rest."""
+    tasks = [asyncio.ensure_future(w) for w in waits]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in tasks:
+            if isinstance(task, asyncio.Task):
+                task.cancel()
+
+
+async def _wait(wait: Awaitable[Any], timeout_s: float | None) -> None:
+    """`wait`, for at most `timeout_s` (None: no limit)."""
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(wait, timeout_s)

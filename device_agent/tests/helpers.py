@@ -1,4 +1,5 @@
-"""Test-side tools: a one-pump subscriber, a scripted driver, an agent process or thread.
+"""Test-side tools: a one-pump subscriber, a scripted driver, an agent process or thread, a
+mosquitto of a test's own (with an ACL).
 
 Waiting with deadlines, `Received` and `telemetry_fields` come from `pumpfleet.testing`.
 """
@@ -6,7 +7,9 @@ Waiting with deadlines, `Received` and `telemetry_fields` come from `pumpfleet.t
 from __future__ import annotations
 
 import os
+import shutil
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -19,7 +22,8 @@ from typing import Any
 
 from device_agent import Agent, Observation
 from pumpfleet import contract
-from pumpfleet.testing import RecordingSubscriber
+from pumpfleet.stack import free_port
+from pumpfleet.testing import RecordingSubscriber, wait_until
 
 
 class ScriptedDriver:
@@ -135,3 +139,34 @@ def queued_seqs(db: Path) -> list[int]:
 
 def past(seconds: float) -> timedelta:
     return timedelta(seconds=seconds)
+
+
+@contextmanager
+def own_broker(tmp_path: Path, acl: str, *conf: str) -> Iterator[int]:
+    """A mosquitto of this test's own on a free port, with `acl` as its ACL file and `conf` as
+    further config lines (no persistence); yields its port."""
+    port = free_port()
+    (tmp_path / "acl").write_text(acl)
+    lines = [f"listener {port} 127.0.0.1", "allow_anonymous true", f"acl_file {tmp_path / 'acl'}"]
+    lines += [*conf, *(["user root"] if os.geteuid() == 0 else [])]
+    (tmp_path / "mosquitto.conf").write_text("\n".join(lines) + "\n")
+    binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+    with open(tmp_path / "mosquitto.log", "ab") as out:
+        proc = subprocess.Popen(
+            [binary, "-c", str(tmp_path / "mosquitto.conf")], stdout=out, stderr=out
+        )
+
+    def accepting() -> bool:
+        assert proc.poll() is None, (tmp_path / "mosquitto.log").read_text()
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1.0):
+                return True
+        except OSError:
+            return False
+
+    try:
+        wait_until(accepting, 10, "mosquitto to accept connections")
+        yield port
+    finally:
+        proc.terminate()
+        proc.wait(10)

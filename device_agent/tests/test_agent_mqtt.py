@@ -4,6 +4,7 @@ SIGKILL and clean stops, counted by a subscriber."""
 from __future__ import annotations
 
 import json
+import logging
 import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -16,7 +17,15 @@ from pumpfleet import contract
 from pumpfleet.stack import StackInfo, start_broker, stop_broker
 from pumpfleet.testing import Received, telemetry_fields, wait_until
 
-from .helpers import AgentProcess, ScriptedDriver, Subscriber, agent_thread, queued_seqs, subscriber
+from .helpers import (
+    AgentProcess,
+    ScriptedDriver,
+    Subscriber,
+    agent_thread,
+    own_broker,
+    queued_seqs,
+    subscriber,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -29,11 +38,11 @@ def options(info: StackInfo) -> BrokerOptions:
     return BrokerOptions(host=info.mqtt_host, port=info.mqtt_port, keepalive_s=5)
 
 
-def fast_agent(driver: object, store: Store, info: StackInfo) -> Agent:
+def fast_agent(driver: object, store: Store, where: StackInfo | BrokerOptions) -> Agent:
     return Agent(
         driver,  # type: ignore[arg-type]
         store,
-        options(info),
+        where if isinstance(where, BrokerOptions) else options(where),
         reconnect_min_s=0.05,
         reconnect_max_s=0.5,
         connect_timeout_s=5,
@@ -234,3 +243,46 @@ def test_transport_faults_from_the_driver_duplicate_and_delay(
         data = [r.seq for r in sub.data()]
         assert data.index(3) < data.index(2), "the held-back message was overtaken"
         assert_no_seq_reused(sub.snapshot())
+
+
+def test_a_rejected_puback_keeps_the_message_on_disk_and_the_will_says_why(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A broker that denies telemetry answers its PUBACK with 0x87 (not authorized): aiomqtt
+    alone would report success and the agent would delete the message."""
+    pump = new_pump()
+    acl = "topic read pumps/#\ntopic readwrite pumps/+/status\ntopic readwrite pumps/+/event\n"
+    t0 = datetime.now(UTC).replace(microsecond=0) - timedelta(minutes=10)
+    observations = [
+        Observation("telemetry", t0, telemetry_fields(15.0)),
+        Observation("event", t0 + timedelta(minutes=1), {"event": "mri_start"}),
+    ]
+    caplog.set_level(logging.INFO, logger="device_agent")
+    with (
+        own_broker(tmp_path, acl, "max_inflight_messages 7") as port,
+        subscriber("127.0.0.1", port, pump, persistent=False) as sub,
+        Store(tmp_path / "q.sqlite3", pump) as store,
+    ):
+        broker = BrokerOptions(port=port, keepalive_s=5)
+        agent = fast_agent(ScriptedDriver(pump, observations), store, broker)
+        with agent_thread(agent, flush_timeout_s=0.5):
+            wait_until(lambda: agent.stats.rejected >= 2, 20, "two rejections, one per connection")
+            wait_until(lambda: 2 in sub.seqs(), 10, "the event, which the broker allows")
+            wills = wait_until(
+                lambda: [r for r in sub.statuses() if status_of(r).reason == WILL_REASON],
+                10,
+                "the will of a connection the agent gave up on (DISCONNECT 0x04)",
+            )
+        queued = {m.seq: m.kind for m in store.messages()}
+        assert queued.get(1) == "telemetry", "the rejected message stayed on disk"
+        assert 2 not in queued, "the event the broker took was deleted"
+        assert set(queued) - {1} <= {r.seq for r in sub.statuses()} | {
+            r.seq + 1 for r in sub.statuses()
+        }, "nothing else left but status messages"
+        assert 1 not in sub.seqs(), "the broker never passed the telemetry on"
+        assert agent.stats.connects >= 2 and wills
+    connected = [r for r in caplog.records if r.getMessage() == "connected"]
+    assert connected and all(getattr(r, "window", None) == 7 for r in connected), (
+        "the broker's Receive Maximum"
+    )
+    assert any("rejected a message" in r.getMessage() for r in caplog.records)

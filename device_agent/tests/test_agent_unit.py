@@ -4,6 +4,7 @@ built-in driver, the simulated clock and the CLI's argument checks."""
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import logging
 from datetime import UTC, datetime, timedelta
@@ -27,7 +28,7 @@ from pumpfleet import contract
 from pumpfleet.cli import UsageError
 from pumpfleet.settings import MqttSettings, Settings
 from pumpfleet.stack import free_port
-from pumpfleet.testing import telemetry_fields, wait_until
+from pumpfleet.testing import telemetry_fields, until
 
 from .helpers import ScriptedDriver
 
@@ -99,14 +100,14 @@ def test_agent_spends_a_seq_on_a_lost_observation_and_scales_delay_by_its_clock(
             ScriptedDriver(PUMP, observations), store, BrokerOptions(port=free_port()), clock=clock
         )
         assert agent.speed == 60.0, "taken from the SimClock"
-        agent._produce()
+        agent.produce()
         queued = store.messages()
         assert [m.seq for m in queued] == [1, 3], "seq 2 was spent on the lost one"
         assert agent.stats.lost == 1 and agent.stats.queued == 2
         assert queued[1].not_before == 1000.0 + 60.0, "3600 simulated s at 60x = 60 wall s"
 
 
-def test_offline_agent_queues_in_order_counts_invalid_and_logs_one_line(
+async def test_offline_agent_queues_in_order_counts_invalid_and_logs_one_line(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     observations = [
@@ -120,13 +121,15 @@ def test_offline_agent_queues_in_order_counts_invalid_and_logs_one_line(
     caplog.set_level(logging.DEBUG, logger="device_agent")
     with Store(tmp_path / "q.sqlite3", PUMP) as store:
         agent = Agent(driver, store, broker, reconnect_min_s=0.01, reconnect_max_s=0.02)
+        running = asyncio.create_task(agent.arun(poll_s=0.01))
 
-        def three_attempts() -> bool:
-            agent.poll(0.01)
+        async def three_attempts() -> bool:
             return agent.stats.connect_failures >= 3
 
-        wait_until(three_attempts, 10, "3 failed attempts")
+        await until(three_attempts, 10, "3 failed attempts")
         assert not agent.connected
+        agent.request_stop()
+        await asyncio.wait_for(running, 10)
         queued = store.messages()
         assert [m.seq for m in queued] == [1, 2, 3], "the invalid one consumed no seq"
         assert [m.kind for m in queued] == ["telemetry", "event", "telemetry"]
@@ -216,9 +219,7 @@ def test_cli_rejects_bad_input_with_one_line(tmp_path: Path) -> None:
     plain_with_ca = Settings(run_dir=tmp_path, mqtt=MqttSettings(tls_ca=tmp_path / "ca.pem"))
     with pytest.raises(UsageError, match="plain MQTT; use an mqtts:// URL"):
         run_agent(_args(), plain_with_ca)
-    no_ca = Settings(
-        run_dir=tmp_path, mqtt=MqttSettings(url=tls, tls_ca=tmp_path / "missing.pem")
-    )
+    no_ca = Settings(run_dir=tmp_path, mqtt=MqttSettings(url=tls, tls_ca=tmp_path / "missing.pem"))
     with pytest.raises(UsageError, match="tls_ca"):
         run_agent(_args(), no_ca)
     (tmp_path / "junk.pem").write_text("not a certificate")
@@ -232,3 +233,40 @@ def test_cli_rejects_bad_input_with_one_line(tmp_path: Path) -> None:
         pytest.raises(UsageError, match="another agent"),
     ):
         run_agent(_args(), settings)
+
+
+async def test_no_connack_in_time_is_a_failed_attempt_that_closes_with_the_will(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A server that accepts TCP and never answers: the agent gives up after its connect timeout
+    with DISCONNECT 0x04 (a broker that did process the CONNECT then publishes the will)."""
+    received = bytearray()
+    closed = asyncio.Event()
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while data := await reader.read(4096):
+            received.extend(data)
+        closed.set()
+        writer.close()
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    caplog.set_level(logging.INFO, logger="device_agent")
+    with Store(tmp_path / "q.sqlite3", PUMP) as store:
+        agent = Agent(
+            ScriptedDriver(PUMP, []),
+            store,
+            BrokerOptions(port=port),
+            connect_timeout_s=0.3,
+            reconnect_min_s=60,
+        )
+        running = asyncio.create_task(agent.arun(poll_s=0.01))
+        await asyncio.wait_for(closed.wait(), 10)
+        agent.request_stop()
+        await asyncio.wait_for(running, 10)
+    server.close()
+    assert received[0] == 0x10, "a CONNECT went out"
+    assert received.endswith(b"\xe0\x01\x04"), "then DISCONNECT, reason 0x04"
+    assert agent.stats.connect_failures == 1 and agent.stats.connects == 0
+    failed = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert [getattr(r, "error", None) for r in failed] == ["no CONNACK within 0.3s"]

@@ -212,7 +212,7 @@ def test_agent_driver_runs_a_fleet_pump_through_the_device_agent(tmp_path: Path)
             clock=lambda: start + timedelta(hours=2),
             reconnect_min_s=60,
         )
-        agent.poll(0.01)
+        agent.produce()
         decoded = [contract.decode(m.topic, m.payload) for m in store.messages()]
     assert [d.seq for d in decoded] == list(range(1, len(decoded) + 1))
     assert isinstance(decoded[0], contract.Status) and decoded[0].online

@@ -388,12 +388,12 @@ def _work(index: int, config: LoadConfig, broker: BrokerOptions, plan: dict[str,
     t0 = int(plan["t0"])
     seq_start = int(plan["seq_start"])
     interval = config.interval_s
-    # Per pump, flat for the hot loop: connection, encoded topic, the four template parts,
+    # Per pump, flat for the hot loop: connection, topic, the four template parts,
     # first device time, capacity, reservoir used at round 0, drain per round, refill span.
     pumps = [
         (
             conns[k % len(conns)],
-            conns[k % len(conns)].topic_header(t.topic),
+            t.topic,
             *t.parts,
             t0 + t.phase_s,
             t.capacity_ml,
@@ -480,7 +480,7 @@ def _work(index: int, config: LoadConfig, broker: BrokerOptions, plan: dict[str,
                         p[5],
                     )
                 )
-                conn.publish_encoded(p[1], payload, qos=qos, now=now)
+                conn.publish(p[1], payload, qos=qos, now=now)
                 sent += 1
                 batch -= 1
                 k += 1

@@ -7,7 +7,7 @@ import asyncio
 import json
 import shutil
 import subprocess
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -16,6 +16,7 @@ import asyncpg
 import pytest
 
 from pumpfleet import schema
+from pumpfleet.schema import panels
 from pumpfleet.schema.queries import QUERIES
 
 RUNNER = Path(__file__).parent / "timescaledb" / "runner.mjs"
@@ -48,6 +49,49 @@ INSERT INTO dead_letter (topic, payload, reason, received_at) VALUES
 """
 
 
+# What the dashboards' panels need beyond SAMPLE, at whole hours.
+PANEL_SAMPLE = """
+UPDATE telemetry SET received_at = time + INTERVAL '30 seconds';
+UPDATE events SET received_at = time + INTERVAL '2 minutes';
+INSERT INTO pump_status (pump_id, online, time, seq) VALUES
+    ('P-1', true, date_trunc('hour', now()) - INTERVAL '2 hours', 1),
+    ('P-2', false, date_trunc('hour', now()) - INTERVAL '2 hours', 1);
+UPDATE alerts SET started_at = date_trunc('hour', now()) - INTERVAL '30 minutes',
+                  updated_at = date_trunc('hour', now()) - INTERVAL '30 minutes';
+UPDATE alerts SET acked_at = started_at + INTERVAL '5 minutes', acked_by = 'dr.test'
+    WHERE rule = 'low_reservoir';
+INSERT INTO alert_history (alert_id, at, phase, priority)
+    SELECT alert_id, started_at, 'start', priority FROM alerts;
+INSERT INTO alert_history (alert_id, at, phase, priority, actor)
+    SELECT alert_id, started_at + INTERVAL '15 minutes', 'escalate', priority, 'escalation'
+    FROM alerts WHERE priority = 'high';
+INSERT INTO alert_outbox (receiver, alert_id, action, event, created_at, attempts, last_error)
+    SELECT 'alertmanager', alert_id, 'trigger', '{}', started_at, 2, 'connection refused'
+    FROM alerts;
+"""
+READER = "pumpfleet_reader"
+
+
+def _sample(anchor: datetime) -> str:
+    """SAMPLE and PANEL_SAMPLE with `now()` fixed at `anchor`, so that the two databases, run
+    one after the other, hold the same rows even across an hour boundary."""
+    return (SAMPLE + PANEL_SAMPLE).replace("now()", f"'{anchor.isoformat()}'::timestamptz")
+
+
+def _panel_queries(anchor: datetime) -> dict[str, str]:
+    """Every dashboard query, expanded as Grafana would for the sample: the last day (raw
+    telemetry) and four days (the hourly aggregate), pump P-1 of the north clinic."""
+    hour = anchor.replace(minute=0, second=0, microsecond=0)
+    to = hour + timedelta(hours=1)
+    ranges = {"day": (hour - timedelta(hours=26), to), "long": (to - timedelta(days=4), to)}
+    values = {"clinic": ["north"], "pump": "P-1", "priority": ["high", "medium", "low", "info"]}
+    return {
+        f"panel {name} {label}": panels.expand(query.sql, frm, till, values)
+        for name, query in panels.SQL.items()
+        for label, (frm, till) in ranges.items()
+    }
+
+
 def _norm(value: Any) -> Any:
     """One form for values from asyncpg and from the runner's JSON."""
     if isinstance(value, datetime):
@@ -64,14 +108,18 @@ def _norm(value: Any) -> Any:
     return value
 
 
-async def _postgres_results(dsn: str) -> dict[str, list[list[Any]]]:
+async def _postgres_results(dsn: str, anchor: datetime) -> dict[str, list[list[Any]]]:
     conn = await asyncpg.connect(dsn)
     try:
-        await conn.execute(SAMPLE)
-        return {
+        await conn.execute(_sample(anchor))
+        out = {
             name: [_norm(list(r.values())) for r in await conn.fetch(sql)]
             for name, sql in QUERIES.items()
         }
+        await conn.execute(f"SET ROLE {READER}")  # as Grafana reads
+        for name, sql in _panel_queries(anchor).items():
+            out[name] = [_norm(list(r.values())) for r in await conn.fetch(sql)]
+        return out
     finally:
         await conn.close()
 
@@ -129,8 +177,9 @@ def test_flavours_share_versions_and_names() -> None:
 @pytest.mark.integration
 async def test_same_queries_same_answers_on_timescaledb_and_postgres(database_url: str) -> None:
     await schema.migrate(database_url, flavour="postgres")
-    pg = await _postgres_results(database_url)
-    statements = [m.sql for m in schema.migrations("timescaledb")] + [SAMPLE]
+    anchor = datetime.now(UTC)
+    pg = await _postgres_results(database_url, anchor)
+    statements = [m.sql for m in schema.migrations("timescaledb")] + [_sample(anchor)]
     checks = {
         "hypertables": "SELECT hypertable_name, compression_enabled FROM "
         "timescaledb_information.hypertables ORDER BY 1",
@@ -142,7 +191,10 @@ async def test_same_queries_same_answers_on_timescaledb_and_postgres(database_ur
         "segmentby": "SELECT attname FROM timescaledb_information.compression_settings "
         "WHERE hypertable_name = 'telemetry' AND segmentby_column_index = 1",
     }
-    ts = await asyncio.to_thread(_timescaledb, statements, {**QUERIES, **checks})
+    # The panels run last, as the read-only role (the runner keeps one session).
+    reader = {"as reader": f"SET ROLE {READER}"}
+    queries = {**QUERIES, **checks, **reader, **_panel_queries(anchor)}
+    ts = await asyncio.to_thread(_timescaledb, statements, queries)
     res = ts["results"]
     assert res["hypertables"]["rows"] == [["events", True], ["telemetry", True]]
     assert res["caggs"]["rows"] == [["telemetry_hourly", False]]
@@ -155,3 +207,13 @@ async def test_same_queries_same_answers_on_timescaledb_and_postgres(database_ur
         ts_rows = [_norm(r) for r in res[name]["rows"]]
         assert ts_rows == pg[name], f"{name} differs between TimescaleDB and PostgreSQL"
         assert pg[name], f"{name} returned nothing: the sample does not exercise it"
+    # The dashboards' queries: the same rows on both, raw telemetry for the day and the hourly
+    # continuous aggregate (TimescaleDB) or its view (PostgreSQL) for four days.
+    for name in _panel_queries(anchor):
+        ts_rows = [_norm(r) for r in res[name]["rows"]]
+        assert ts_rows == pg[name], f"{name} differs between TimescaleDB and PostgreSQL"
+    for name in ("pump.reservoir", "pump.delivery", "pump.battery", "fleet.closest_to_empty"):
+        for label in ("day", "long"):
+            assert pg[f"panel {name} {label}"], f"{name} ({label}) returned nothing"
+    assert len(pg["panel pump.reservoir long"]) < len(pg["panel pump.reservoir day"])
+    assert res["as reader"]["rows"] == []

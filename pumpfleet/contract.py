@@ -20,6 +20,7 @@ none of these and is read as what every pump on the market is: a calculated volu
 from __future__ import annotations
 
 import json
+import re
 import time
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
@@ -27,12 +28,15 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import (
-    AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     TypeAdapter,
     ValidationError,
+    ValidatorFunctionWrapHandler,
+    WithJsonSchema,
+    WrapValidator,
     model_validator,
 )
 
@@ -48,6 +52,25 @@ MAX_PAYLOAD_BYTES = 16 * 1024
 """Largest payload the ingester accepts; a telemetry message is about 400 bytes."""
 
 PUMP_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"
+
+_YEAR = "(?:[1-9][0-9]{3}|0[1-9][0-9]{2}|00[1-9][0-9]|000[1-9])"
+_LEAP_YEAR = "(?:[0-9]{2}(?:0[48]|[2468][048]|[13579][26])|(?:0[48]|[2468][048]|[13579][26])00)"
+_MONTH_DAY = (
+    "(?:(?:0[13578]|1[02])-(?:0[1-9]|[12][0-9]|3[01])"
+    "|(?:0[469]|11)-(?:0[1-9]|[12][0-9]|30)"
+    "|02-(?:0[1-9]|1[0-9]|2[0-8]))"
+)
+DATE_TIME_PATTERN = (
+    f"^(?:{_YEAR}-{_MONTH_DAY}|{_LEAP_YEAR}-02-29)"
+    "[Tt](?:[01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9](?:[.][0-9]+)?"
+    "(?:[Zz]|[+-](?:[01][0-9]|2[0-3]):[0-5][0-9])$"
+)
+"""RFC 3339 date-time (section 5.6) as the decoder takes it: a real calendar day from year 1,
+no leap second (Python's datetime has none), a UTC offset. Written for both ECMA-262 (JSON
+Schema's regex dialect) and Python's `re`, so every validator reads it alike."""
+_DATE_TIME = re.compile(DATE_TIME_PATTERN)
+_EXACT_FLOAT_INT = 2**53
+"""Up to here a double holds every integer exactly."""
 
 
 class Kind(StrEnum):
@@ -101,14 +124,55 @@ def _utc(value: datetime) -> datetime:
     offset = value.utcoffset()
     if offset is None:
         raise ValueError("must carry a UTC offset (RFC 3339), e.g. 2026-01-01T00:00:00Z")
-    if offset:
-        value = value.astimezone(UTC)
-    if value.timestamp() - time.time() > _MAX_FUTURE_SKEW_S:
+    try:
+        if offset:
+            value = value.astimezone(UTC)
+        ahead_s = value.timestamp() - time.time()
+    except OverflowError:
+        raise ValueError("is outside the years 1 to 9999 once converted to UTC") from None
+    if ahead_s > _MAX_FUTURE_SKEW_S:
         raise ValueError(f"is more than {MAX_FUTURE_SKEW} ahead of the receiver's clock")
     return value
 
 
-DeviceTime = Annotated[datetime, AfterValidator(_utc)]
+def _device_time(value: object, parse: ValidatorFunctionWrapHandler) -> datetime:
+    """RFC 3339 only, as the schema says: the datetime parser alone also takes a space for the
+    `T`, no seconds, `+0100`, a decimal comma and unix seconds in a string. (A datetime object
+    comes from Python code, not the wire.) One call for both checks: it runs on every message."""
+    if not isinstance(value, datetime) and not (
+        isinstance(value, str) and _DATE_TIME.fullmatch(value)
+    ):
+        raise ValueError(
+            "must be an RFC 3339 date-time with a UTC offset, e.g. 2026-01-01T00:00:00Z"
+        )
+    return _utc(parse(value))
+
+
+def _integer(value: object) -> object:
+    """JSON has one number type, and JSON Schema's `integer` is any number with a zero fraction:
+    `55.0` and `5.5e1` are the integer 55, and are read as 55. Past 2**53 such a spelling has
+    gone through a double and may no longer be the number that was meant: refused."""
+    if isinstance(value, bool):
+        raise ValueError("must be an integer, not a boolean")
+    if isinstance(value, float) and value.is_integer():
+        if abs(value) > _EXACT_FLOAT_INT:
+            raise ValueError(
+                "an integer above 2**53 must be written as digits only (no fraction or exponent)"
+            )
+        return int(value)
+    return value
+
+
+DeviceTime = Annotated[
+    datetime,
+    # Lax inside: in a validator the input is a Python str, which a strict datetime refuses;
+    # `_device_time` lets through only strings of the right form.
+    Field(strict=False),
+    WrapValidator(_device_time),
+    WithJsonSchema({"type": "string", "format": "date-time", "pattern": DATE_TIME_PATTERN}),
+]
+Integer = Annotated[int, BeforeValidator(_integer)]
+"""An int field as JSON Schema's `integer`: 55.0 is 55 (see `_integer`)."""
 Volume_ml = Annotated[float, Field(ge=0, le=100, allow_inf_nan=False)]
 Rate_ul_per_h = Annotated[float, Field(ge=0, le=10_000, allow_inf_nan=False)]
 Dose_mcg_per_day = Annotated[float, Field(ge=0, le=10_000, allow_inf_nan=False)]
@@ -119,10 +183,12 @@ class _Strict(BaseModel):
 
 
 class _Envelope(_Strict):
-    v: Literal[1, 2] = Field(description="Contract version: 2; 1 is still accepted.")
+    v: Annotated[Literal[1, 2], BeforeValidator(_integer)] = Field(
+        description="Contract version: 2; 1 is still accepted."
+    )
     pump_id: str = Field(pattern=PUMP_ID_PATTERN, description="Must equal the topic's pump id.")
     time: DeviceTime = Field(description="Device clock, UTC, RFC 3339.")
-    seq: int = Field(ge=0, lt=2**63, description="Per-pump sequence, +1 per message.")
+    seq: Integer = Field(ge=0, lt=2**63, description="Per-pump sequence, +1 per message.")
 
 
 _TELEMETRY_V2 = ("reservoir_source", "reporting_interval_s", "scheduled_ul_per_h")
@@ -139,14 +205,27 @@ def _versioned(msg: BaseModel, fields: tuple[str, ...], v: int) -> None:
             raise ValueError(f"{name}: not part of contract v1 (send v: 2)")
 
 
+def _present(fields: tuple[str, ...] | list[str]) -> dict[str, Any]:
+    """JSON Schema for "given and not null": the decoder reads a null field as absent."""
+    return {
+        "required": list(fields),
+        "properties": {f: {"not": {"type": "null"}} for f in fields},
+    }
+
+
+def _absent(fields: tuple[str, ...] | list[str]) -> dict[str, Any]:
+    """JSON Schema for "absent or null" (read as absent)."""
+    return {"properties": {f: {"type": "null"} for f in fields}}
+
+
 def _v2_required(fields: tuple[str, ...]) -> dict[str, Any]:
     """The same rule in the published JSON Schema."""
     return {
         "allOf": [
             {
                 "if": {"properties": {"v": {"const": 2}}},
-                "then": {"required": list(fields)},
-                "else": {"not": {"anyOf": [{"required": [f]} for f in fields]}},
+                "then": _present(fields),
+                "else": _absent(fields),
             }
         ]
     }
@@ -156,8 +235,8 @@ _TELEMETRY_SCHEMA_EXTRA = _v2_required(_TELEMETRY_V2)
 _TELEMETRY_SCHEMA_EXTRA["allOf"].append(
     {
         "if": {"properties": {"v": {"const": 2}, "battery_eri": {"const": True}}},
-        "then": {"required": ["eri_since"]},
-        "else": {"not": {"required": ["eri_since"]}},
+        "then": _present(["eri_since"]),
+        "else": _absent(["eri_since"]),
     }
 )
 
@@ -183,7 +262,10 @@ class Telemetry(_Envelope):
     battery_eri: bool = Field(description="Elective replacement indicator active.")
     pump_state: PumpState
     alarms: tuple[PumpAlarm, ...] = Field(
-        default=(), max_length=len(PumpAlarm), description="Active pump alarms."
+        default=(),
+        max_length=len(PumpAlarm),
+        description="Active pump alarms, each at most once.",
+        json_schema_extra={"uniqueItems": True},
     )
     # Version 2: required there, absent in version 1.
     reservoir_source: ReservoirSource | None = Field(
@@ -191,9 +273,11 @@ class Telemetry(_Envelope):
         description="v2: how reservoir_ml was obtained: calculated (refill entry minus rotor or "
         "valve counts) or measured (an independent sensor). v1: absent, read as calculated.",
     )
-    reporting_interval_s: Annotated[int, Field(ge=1, le=86_400)] | None = Field(
-        default=None, description="v2: seconds between two telemetry messages of this pump."
-    )
+    # Bounds before the validator: after it pydantic would publish them as `ge`/`le`, which
+    # JSON Schema does not know (and so would not check).
+    reporting_interval_s: (
+        Annotated[int, Field(ge=1, le=86_400), BeforeValidator(_integer)] | None
+    ) = Field(default=None, description="v2: seconds between two telemetry messages of this pump.")
     scheduled_ul_per_h: Rate_ul_per_h | None = Field(
         default=None,
         description="v2: flow the programme (schedule steps and boluses) asked for over the "
@@ -230,16 +314,41 @@ class Telemetry(_Envelope):
 
 
 class FlexStep(_Strict):
-    start_minute: int = Field(ge=0, lt=24 * 60, description="Minutes after local midnight.")
+    start_minute: Integer = Field(ge=0, lt=24 * 60, description="Minutes after local midnight.")
     dose_mcg_per_day: Dose_mcg_per_day = Field(description="Rate of this step as a daily dose.")
+
+
+_FIRST_STEP = {"properties": {"start_minute": {"const": 0}}}
+_SCHEDULE_SCHEMA_EXTRA: dict[str, Any] = {
+    "allOf": [
+        {
+            "if": {"properties": {"mode": {"const": DosingMode.CONTINUOUS.value}}},
+            "then": {"properties": {"steps": {"maxItems": 0}}},
+            # `contains` says it too, for validators that predate `prefixItems` (2020-12).
+            "else": {
+                "required": ["steps"],
+                "properties": {
+                    "steps": {"minItems": 1, "prefixItems": [_FIRST_STEP], "contains": _FIRST_STEP}
+                },
+            },
+        }
+    ]
+}
 
 
 class Schedule(_Strict):
     """A programmed schedule: one continuous dose, or up to 13 flex steps a day."""
 
+    model_config = ConfigDict(json_schema_extra=_SCHEDULE_SCHEMA_EXTRA)
+
     mode: DosingMode
     dose_mcg_per_day: Dose_mcg_per_day = Field(description="Total programmed daily dose.")
-    steps: tuple[FlexStep, ...] = Field(default=(), max_length=MAX_FLEX_STEPS)
+    steps: tuple[FlexStep, ...] = Field(
+        default=(),
+        max_length=MAX_FLEX_STEPS,
+        description="Flex steps, start_minute increasing from 0; none in a continuous schedule.",
+        json_schema_extra={"uniqueItems": True},
+    )
 
     @model_validator(mode="after")
     def _steps_fit_mode(self) -> Schedule:
@@ -454,16 +563,51 @@ def kind_of(msg: BaseModel) -> Kind:
 # JSON Schema ------------------------------------------------------------------------------------
 
 
+_UNSTATED_COMMON = (
+    "pump_id equals the pump id of the topic, which is not part of the payload",
+    f"the payload is UTF-8 JSON (RFC 8259) of at most {MAX_PAYLOAD_BYTES} bytes, with no lone "
+    "surrogate escape such as \\ud800",
+    f"a date-time is at most {int(MAX_FUTURE_SKEW.total_seconds() // 60)} minutes ahead of the "
+    "receiver's clock, and within the years 1 to 9999 once converted to UTC",
+    "an integer written with a fraction or an exponent (55.0, 5.5e1: read as 55) is at most "
+    "2**53 in magnitude, where a double stops holding every integer; larger ones are written as "
+    "digits only",
+)
+_UNSTATED = {
+    Kind.TELEMETRY: (
+        "reservoir_ml and low_reservoir_alarm_ml are at most reservoir_capacity_ml",
+        *_UNSTATED_COMMON,
+    ),
+    Kind.EVENT: (
+        "the start_minute of a flex schedule's steps strictly increase (the schema states that "
+        "the first is 0 and that no step is repeated)",
+        *_UNSTATED_COMMON,
+    ),
+    Kind.STATUS: _UNSTATED_COMMON,
+}
+"""Rules the decoder enforces that JSON Schema cannot state: they compare two fields, or the
+payload with something outside it (topic, clock, bytes on the wire, the number's spelling)."""
+
+
 def json_schemas() -> dict[str, dict[str, Any]]:
-    """The JSON Schema of each topic's payload, keyed by file name."""
+    """The JSON Schema of each topic's payload, keyed by file name.
+
+    The decoder and the schema agree on every payload (tests/test_contract_agreement.py) but for
+    the rules listed in the description, which JSON Schema cannot state.
+    """
     out = {}
     for kind, adapter in _ADAPTERS.items():
         schema = adapter.json_schema(mode="validation")
         schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
-        schema["$id"] = f"pumpfleet/contract/v{CONTRACT_VERSION}/{kind.value}.json"
+        # Absolute, as 2020-12 asks of a root $id (a relative one breaks nested $ref resolution
+        # in some tools); the reserved .invalid domain says it is a name, not a download.
+        schema["$id"] = f"https://pumpfleet.invalid/contract/v{CONTRACT_VERSION}/{kind.value}.json"
         schema.setdefault("title", kind.value.capitalize())
+        unstated = "".join(f"\n- {rule};" for rule in _UNSTATED[kind]).rstrip(";")
         schema["description"] = (
             f"Payload published on topic {topic('{pump_id}', kind)} (contract v{CONTRACT_VERSION})."
+            " A field given as null is read as absent. Patterns are ECMA-262: `$` is the end of "
+            "the string. The decoder also enforces what this schema cannot state:" + unstated + "."
         )
         out[f"{kind.value}.v{CONTRACT_VERSION}.json"] = schema
     return out

@@ -226,6 +226,9 @@ def ingester_env(info: stack_mod.StackInfo, dsn: str, client_id: str) -> dict[st
         "PUMPFLEET_INGEST__CLIENT_ID": client_id,
         "PUMPFLEET_INGEST__METRICS_PORT": "0",
         "PUMPFLEET_LOG_LEVEL": "WARNING",
+        # A lab: synthetic pumps, never provisioned, each sending far above a real pump's rate.
+        "PUMPFLEET_INGEST__UNKNOWN_PUMPS": "register",
+        "PUMPFLEET_INGEST__RATE_LIMIT_PER_S": "0",
     }
 
 

@@ -39,6 +39,20 @@ NOTICES: tuple[str, ...] = ("flow_not_observable", "clinic_data_missing")
 """Standing notices (info priority): not a fault, a statement of what is not watched."""
 RULES: tuple[str, ...] = get_args(Rule)
 
+ServiceRule = Literal["unprovisioned_device"]
+"""Alerts the alerting service raises itself, not the rule engine: the engine judges stored
+messages, and what these alerts are about is never stored as a pump's data.
+
+- `unprovisioned_device` (medium): a pump that is not provisioned, or revoked, is publishing;
+  its messages are quarantined (dead letters, raw bytes kept) and the ingesters note it in
+  `quarantine_seen`. One alert per pump, raised by the alerting service's watchdog while the
+  pump was seen within the last hour, ended once the pump is provisioned (docs/security.md).
+"""
+SERVICE_RULES: tuple[str, ...] = get_args(ServiceRule)
+SERVICE_RULE_PRIORITY: dict[str, Priority] = {"unprovisioned_device": "medium"}
+ALERT_RULES: tuple[str, ...] = RULES + SERVICE_RULES
+"""Every `alerts.rule` the pipeline can write."""
+
 
 @dataclass(frozen=True, slots=True)
 class Finding:

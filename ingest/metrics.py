@@ -64,6 +64,10 @@ class Stats:
     statuses_superseded: int = 0
     stale_acks_skipped: int = 0
     registered_pumps: int = 0
+    quarantined: int = 0
+    """Messages of pumps not provisioned or revoked (dead letters too)."""
+    rate_limited: int = 0
+    """Messages over their pump's rate limit (dead letters too, or duplicates of one)."""
     db_errors: int = 0
     hook_errors: int = 0
     batches: int = 0
@@ -87,6 +91,9 @@ class Stats:
         self.statuses_superseded += result.statuses_superseded
         self.stale_acks_skipped += stale
         self.registered_pumps += len(result.registered)
+        self.quarantined += result.quarantined
+        if result.dead_letters or result.duplicates:  # only those can hold throttled ones
+            self.rate_limited += sum(1 for item in batch if item.limited)
         self.batch_size.observe(len(batch))
         self.last_lag_s = now - batch[0].received
         self.receive_to_commit_s.observe(self.last_lag_s)
@@ -99,6 +106,8 @@ class Stats:
             "dead_lettered": self.dead_lettered,
             "duplicates": self.duplicates,
             "statuses_superseded": self.statuses_superseded,
+            "quarantined": self.quarantined,
+            "rate_limited": self.rate_limited,
             "batches": self.batches,
             "db_errors": self.db_errors,
         }
@@ -126,6 +135,16 @@ class _Collector:
                 "Acks not sent because the delivering connection was gone",
             ),
             ("pumps_registered", s.registered_pumps, "Pumps registered from a first message"),
+            (
+                "messages_quarantined",
+                s.quarantined,
+                "Messages of pumps not provisioned or revoked, kept in dead_letter",
+            ),
+            (
+                "rate_limited",
+                s.rate_limited,
+                "Messages over their pump's rate limit, kept in dead_letter",
+            ),
             ("database_errors", s.db_errors, "Failed database connects and writes"),
             ("alert_hook_errors", s.hook_errors, "Batches whose alert evaluation failed"),
             ("batches", s.batches, "Committed batches"),

@@ -49,6 +49,9 @@ OnCommit = Callable[[Sequence[Message]], Awaitable[None]]
 SESSION_EXPIRY_S = 7 * 24 * 3600
 """The broker keeps our session (and queues for it) this long while we are away."""
 
+REVOKED_REFRESH_S = 10.0
+"""How often the revoked pumps are re-read: a revocation takes effect within this long."""
+
 
 @dataclass(slots=True)
 class _Item:
@@ -60,6 +63,58 @@ class _Item:
     payload: bytes | bytearray
     msg: Message | None
     dead: DeadLetter | None
+    limited: bool = False
+    """Throttled by the per-pump rate limit (its dead letter says so)."""
+
+
+class TokenBuckets:
+    """Per-pump token buckets: `take` is O(1); memory holds only the pumps still paying back.
+
+    A bucket holds up to `burst` tokens and refills at `rate_per_s`; each message takes one. A
+    bucket that has refilled completely is the same as none, so when the table reaches its
+    size limit those are forgotten (amortised O(1): the limit doubles past the live ones). A
+    real pump, one message every few minutes, is full again a second after each message."""
+
+    __slots__ = ("_buckets", "_limit", "burst", "rate_per_s")
+
+    def __init__(self, rate_per_s: float, burst: int, size: int = 10_000) -> None:
+        self.rate_per_s = rate_per_s
+        self.burst = float(burst)
+        self._buckets: dict[str, tuple[float, float]] = {}
+        self._limit = size
+
+    def take(self, key: str, now: float) -> bool:
+        """One token for `key` at monotonic time `now`: True when it had one."""
+        bucket = self._buckets.get(key)
+        if bucket is None:
+            if len(self._buckets) >= self._limit:
+                self._forget_full(now)
+            self._buckets[key] = (self.burst - 1.0, now)
+            return True
+        tokens = bucket[0] + (now - bucket[1]) * self.rate_per_s
+        if tokens > self.burst:
+            tokens = self.burst
+        if tokens >= 1.0:
+            self._buckets[key] = (tokens - 1.0, now)
+            return True
+        self._buckets[key] = (tokens, now)
+        return False
+
+    def __len__(self) -> int:
+        return len(self._buckets)
+
+    def _forget_full(self, now: float) -> None:
+        burst, rate = self.burst, self.rate_per_s
+        full = [k for k, (t, at) in self._buckets.items() if t + (now - at) * rate >= burst]
+        for key in full:
+            del self._buckets[key]
+        self._limit = max(self._limit, 2 * len(self._buckets))
+
+
+def _pump_key(topic: str) -> str:
+    """The rate limit's key: the topic's pump id (`pumps/{pump_id}/...`), else the topic."""
+    parts = topic.split("/", 2)
+    return parts[1] if len(parts) == 3 and parts[0] == contract.TOPIC_ROOT else topic
 
 
 class Ingester:
@@ -101,6 +156,18 @@ class Ingester:
         self._stopping = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._known_pumps: set[str] = set()
+        """Provisioned and not revoked: stored without a question."""
+        self._revoked_read_at = 0.0
+        self._can_register = True
+        self._limit = (
+            TokenBuckets(self.cfg.rate_limit_per_s, self.cfg.rate_limit_burst)
+            if self.cfg.rate_limit_per_s > 0
+            else None
+        )
+        self._limited_reason = (
+            f"rate limited: more than {self.cfg.rate_limit_burst} messages at once, then "
+            f"{self.cfg.rate_limit_per_s:g}/s, from this pump"
+        )
         self._db: asyncpg.Connection | None = None
         self._db_ok = False
         self._client = self._make_client()
@@ -209,13 +276,23 @@ class Ingester:
             return  # shutting down: left unacknowledged, the broker redelivers it later
         now = time.time()
         try:
-            if len(payload) > self.cfg.max_payload_bytes:
-                raise contract.ContractError(
-                    f"payload: {len(payload)} bytes exceeds the {self.cfg.max_payload_bytes} limit"
+            # Before decoding: a flood costs a dictionary lookup per message, not a validation.
+            # Its excess is kept as dead letters (raw bytes, replayable), so a pump loses
+            # nothing, and it is acknowledged like the rest, so no other pump waits behind it.
+            if self._limit is not None and not self._limit.take(_pump_key(topic), time.monotonic()):
+                dead = DeadLetter(
+                    topic, bytes(payload), self._limited_reason, datetime.fromtimestamp(now, UTC)
                 )
-            item = _Item(
-                self._gen, mid, qos, now, topic, payload, contract.decode(topic, payload), None
-            )
+                item = _Item(self._gen, mid, qos, now, topic, payload, None, dead, True)
+            else:
+                if len(payload) > self.cfg.max_payload_bytes:
+                    raise contract.ContractError(
+                        f"payload: {len(payload)} bytes exceeds the "
+                        f"{self.cfg.max_payload_bytes} limit"
+                    )
+                item = _Item(
+                    self._gen, mid, qos, now, topic, payload, contract.decode(topic, payload), None
+                )
         except contract.ContractError as exc:
             dead = DeadLetter(topic, bytes(payload), str(exc), datetime.fromtimestamp(now, UTC))
             item = _Item(self._gen, mid, qos, now, topic, payload, None, dead)
@@ -237,8 +314,16 @@ class Ingester:
                     command_timeout=60,
                 )
                 await prepare(conn)
-                rows = await conn.fetch("SELECT pump_id FROM pumps")
+                rows = await conn.fetch(_KNOWN_SQL)
                 self._known_pumps = {r[0] for r in rows}
+                self._revoked_read_at = time.monotonic()
+                if self.cfg.unknown_pumps == "register":
+                    self._can_register = await conn.fetchval(_CAN_REGISTER_SQL)
+                    if not self._can_register:
+                        log.error(
+                            "unknown_pumps=register needs INSERT on pumps, which this database "
+                            "role lacks; quarantining unknown pumps instead"
+                        )
                 if not self._db_ok:
                     log.info("database connected", extra={"known_pumps": len(self._known_pumps)})
                 self._db_ok = True
@@ -256,23 +341,21 @@ class Ingester:
 
     async def _write(self, batch: list[_Item]) -> WriteResult:
         """Commit the batch, retrying with backoff until the database takes it."""
-        msgs = [i.msg for i in batch if i.msg is not None]
-        dead = [i.dead for i in batch if i.dead is not None]
+        all_msgs = [i.msg for i in batch if i.msg is not None]
+        all_dead = [i.dead for i in batch if i.dead is not None]
         delay = 0.2
         while True:
             if self._db is None or self._db.is_closed():
                 self._db = await self._connect_db()
-            unknown = {m.pump_id for m in msgs} - self._known_pumps
+            msgs, dead = all_msgs, all_dead
             try:
-                register: set[str] = set()
-                if unknown:
-                    if self.cfg.unknown_pumps == "register":
-                        register = unknown
-                    else:
-                        msgs, dead = _dead_letter_unknown(batch, unknown)
+                register, held = await self._sort_out(self._db, {m.pump_id for m in msgs})
+                quarantined: dict[str, int] = {}
+                if held:
+                    msgs, dead, quarantined = _quarantine(batch, held)
                 started = time.perf_counter()
                 try:
-                    result = await write_batch(self._db, msgs, dead, register)
+                    result = await write_batch(self._db, msgs, dead, register, quarantined)
                 except _TRANSIENT:
                     raise
                 except asyncpg.PostgresError as exc:
@@ -283,13 +366,23 @@ class Ingester:
                         "database refused a batch; writing its messages one by one",
                         extra={"error": _one_line(exc), "batch": len(batch)},
                     )
-                    result = await self._write_one_by_one(self._db, batch, msgs, dead, register)
+                    result = await self._write_one_by_one(
+                        self._db, batch, msgs, dead, register, quarantined
+                    )
                 self.stats.observe_commit(time.perf_counter() - started)
                 if register:
                     self._known_pumps |= register
                     log.info(
                         "pumps registered from their first message",
                         extra={"pumps": ",".join(sorted(register))},
+                    )
+                if quarantined:
+                    log.warning(
+                        "messages quarantined: pumps not provisioned or revoked",
+                        extra={
+                            "pumps": ",".join(sorted(quarantined)),
+                            "messages": result.quarantined,
+                        },
                     )
                 return result
             except _TRANSIENT as exc:
@@ -312,10 +405,11 @@ class Ingester:
         msgs: list[Message],
         dead: list[DeadLetter],
         register: set[str],
+        quarantined: dict[str, int],
     ) -> WriteResult:
         """Each message in its own transaction; one the database refuses is dead-lettered."""
         items = {id(i.msg): i for i in batch if i.msg is not None}
-        total = await write_batch(conn, [], dead, register)
+        total = await write_batch(conn, [], dead, register, quarantined)
         for msg in msgs:
             try:
                 one = await write_batch(conn, [msg], [])
@@ -335,6 +429,35 @@ class Ingester:
             total.statuses_superseded += one.statuses_superseded
             total.dead_letters += one.dead_letters
         return total
+
+    async def _sort_out(
+        self, conn: asyncpg.Connection, pump_ids: set[str]
+    ) -> tuple[set[str], dict[str, str]]:
+        """Which of a batch's pumps to register, and which to quarantine (pump -> why).
+
+        Pumps this worker knows cost nothing; the others are looked up (one query per batch
+        that has any), so a pump provisioned a moment ago is stored at once. The revoked pumps
+        are re-read every REVOKED_REFRESH_S, so a revocation holds within that long."""
+        if time.monotonic() - self._revoked_read_at >= REVOKED_REFRESH_S:
+            revoked = {r[0] for r in await conn.fetch(_REVOKED_SQL)}
+            self._known_pumps -= revoked
+            self._revoked_read_at = time.monotonic()
+        unknown = pump_ids - self._known_pumps
+        if not unknown:
+            return set(), {}
+        held: dict[str, str] = {}
+        found = set()
+        for pump_id, revoked_now in await conn.fetch(_LOOKUP_SQL, list(unknown)):
+            found.add(pump_id)
+            if revoked_now:
+                held[pump_id] = "revoked"
+            else:
+                self._known_pumps.add(pump_id)
+        absent = unknown - found
+        if self.cfg.unknown_pumps == "register" and self._can_register:
+            return absent, held
+        held.update(dict.fromkeys(absent, "not provisioned"))
+        return set(), held
 
     def _ack(self, batch: list[_Item]) -> int:
         """Acknowledge what this connection delivered; return how many were stale."""
@@ -442,26 +565,39 @@ _TRANSIENT = (
 """Errors that go away by themselves: retry the batch. Any other database error is about data."""
 
 
-def _dead_letter_unknown(
-    batch: list[_Item], unknown: set[str]
-) -> tuple[list[Message], list[DeadLetter]]:
+_KNOWN_SQL = "SELECT pump_id FROM pumps WHERE NOT coalesce(revoked_at <= now(), false)"
+_REVOKED_SQL = "SELECT pump_id FROM pumps WHERE revoked_at <= now()"
+_LOOKUP_SQL = """SELECT pump_id, coalesce(revoked_at <= now(), false) FROM pumps
+    WHERE pump_id = ANY($1::text[])"""
+_CAN_REGISTER_SQL = "SELECT has_table_privilege('pumps', 'INSERT')"
+
+
+def _quarantine(
+    batch: list[_Item], held: dict[str, str]
+) -> tuple[list[Message], list[DeadLetter], dict[str, int]]:
+    """The batch with the held pumps' messages turned into dead letters, raw bytes kept, and
+    how many each held pump sent."""
     msgs: list[Message] = []
     dead = [i.dead for i in batch if i.dead is not None]
+    counts: dict[str, int] = {}
     for item in batch:
         if item.msg is None:
             continue
-        if item.msg.pump_id in unknown:
-            dead.append(
-                DeadLetter(
-                    item.topic,
-                    bytes(item.payload),
-                    "pump_id: not in the pump registry (unknown_pumps=dead-letter)",
-                    datetime.fromtimestamp(item.received, UTC),
-                )
-            )
-        else:
+        pump_id = item.msg.pump_id
+        why = held.get(pump_id)
+        if why is None:
             msgs.append(item.msg)
-    return msgs, dead
+            continue
+        counts[pump_id] = counts.get(pump_id, 0) + 1
+        dead.append(
+            DeadLetter(
+                item.topic,
+                bytes(item.payload),
+                f"quarantine: pump {pump_id} is {why}",
+                datetime.fromtimestamp(item.received, UTC),
+            )
+        )
+    return msgs, dead, counts
 
 
 def _one_line(exc: BaseException) -> str:

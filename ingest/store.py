@@ -19,12 +19,13 @@ the broker is acknowledged for all of them at once.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 
 import asyncpg
 
+from ingest.rules._alarms import CRITICAL
 from pumpfleet import contract
 from pumpfleet.contract import Message, Status, Telemetry
 
@@ -49,6 +50,9 @@ _TELEMETRY_COLUMNS = (
     "scheduled_ul_per_h",
     "eri_since",
 )
+# A reading that carries one of the pump's critical alarms is urgent in the alerting feed, like
+# an alarm event (ingest/rules/_alarms.py, CRITICAL): read ahead of other pumps' backlog.
+CRITICAL_ALARMS = tuple(sorted(a.value for a in CRITICAL))
 _STAGE = "telemetry_stage"
 # A session-private staging table: binary COPY into it is the fastest way in, and it empties
 # itself at every commit.
@@ -62,10 +66,11 @@ WITH ins AS (
     INSERT INTO telemetry ({", ".join(_TELEMETRY_COLUMNS)})
     SELECT {", ".join(_TELEMETRY_COLUMNS)} FROM {_STAGE}
     ON CONFLICT DO NOTHING
-    RETURNING pump_id, time, seq),
+    RETURNING pump_id, time, seq, alarms),
 feed AS (
     INSERT INTO alert_feed (urgent, pump_id, time, seq, kind)
-    SELECT false, pump_id, time, seq, 'telemetry' FROM ins)
+    SELECT alarms && '{{{",".join(CRITICAL_ALARMS)}}}'::text[], pump_id, time, seq, 'telemetry'
+    FROM ins)
 SELECT count(*)::int,
        CASE WHEN count(*) < $1 THEN array_agg(pump_id) END,
        CASE WHEN count(*) < $1 THEN array_agg(time) END,
@@ -130,6 +135,16 @@ ON CONFLICT (pump_id) DO NOTHING
 """
 
 
+# Pumps whose messages this batch quarantined (ingest/README.md, "Unknown and revoked pumps"):
+# the alerting service raises one unprovisioned_device alert per pump from this table. Sorted
+# by pump so that two ingesters lock the rows in the same order.
+_QUARANTINE_SQL = """
+INSERT INTO quarantine_seen AS q (pump_id, first_at, last_at, messages)
+SELECT p, now(), now(), n FROM unnest($1::text[], $2::int8[]) AS u(p, n)
+ON CONFLICT (pump_id) DO UPDATE SET last_at = now(), messages = q.messages + EXCLUDED.messages
+"""
+
+
 @dataclass(frozen=True, slots=True)
 class DeadLetter:
     topic: str
@@ -155,6 +170,8 @@ class WriteResult:
     redeliveries of a stored row) but counted, so received = written + dead letters +
     duplicates + statuses superseded."""
     registered: list[str] = field(default_factory=list)
+    quarantined: int = 0
+    """Messages of pumps not provisioned or revoked, kept as dead letters (counted there too)."""
 
 
 async def prepare(conn: asyncpg.Connection) -> None:
@@ -167,8 +184,12 @@ async def write_batch(
     messages: Sequence[Message],
     dead: Sequence[DeadLetter],
     register: Iterable[str] = (),
+    quarantined: Mapping[str, int] | None = None,
 ) -> WriteResult:
-    """Store one batch in one transaction; the caller acks the broker after this returns."""
+    """Store one batch in one transaction; the caller acks the broker after this returns.
+
+    `quarantined`: pump id -> how many of the batch's dead letters are that pump's quarantined
+    messages; recorded in `quarantine_seen` in the same transaction."""
     result = WriteResult()
     seen: set[tuple[str, datetime, int]] = set()
     telemetry: list[Telemetry] = []
@@ -270,6 +291,10 @@ async def write_batch(
                 [m.seq for m in status_log],
             )
             new_keys.update((r[0], r[1], r[2]) for r in rows)
+        if quarantined:
+            pumps_held = sorted(quarantined)
+            await conn.execute(_QUARANTINE_SQL, pumps_held, [quarantined[p] for p in pumps_held])
+            result.quarantined = sum(quarantined.values())
         if dead:
             stored_dead = await conn.fetchval(
                 _DEAD_LETTER_SQL,

@@ -54,10 +54,23 @@ class IngestSettings(BaseModel):
         default=20_000, ge=1, description="Messages held unacknowledged before reading pauses."
     )
     max_payload_bytes: int = Field(default=16 * 1024, ge=256)
-    unknown_pumps: str = Field(
-        default="register",
-        pattern="^(register|dead-letter)$",
-        description="What to do with a valid message from a pump not in the registry.",
+    unknown_pumps: Literal["quarantine", "register"] = Field(
+        default="quarantine",
+        description="A valid message from a pump not provisioned (no `pumps` row): quarantine "
+        "(dead letter with the raw bytes, and an unprovisioned_device alert), or register it "
+        "(a lab's explicit opt-in). A revoked pump is quarantined either way.",
+    )
+    rate_limit_per_s: float = Field(
+        default=1.0,
+        ge=0,
+        description="Per-pump sustained message rate; beyond it (and the burst) messages are "
+        "dead-lettered as rate limited. 0 turns the limit off (benchmarks).",
+    )
+    rate_limit_burst: int = Field(
+        default=2000,
+        ge=1,
+        description="Messages a pump may send at once before the rate applies: a store-and-"
+        "forward backlog replays at full speed (a day at 10 minutes is 144 messages).",
     )
     urgent_lane: bool = Field(
         default=True,
@@ -68,6 +81,12 @@ class IngestSettings(BaseModel):
     metrics_port: int | None = Field(
         default=9108, ge=0, le=65535, description="0 picks a free port; unset disables."
     )
+
+    @field_validator("unknown_pumps", mode="before")
+    @classmethod
+    def _old_name(cls, value: object) -> object:
+        """`dead-letter`, the old name, is what quarantine does (and now also says so)."""
+        return "quarantine" if value == "dead-letter" else value
 
 
 class AlertSettings(BaseModel):

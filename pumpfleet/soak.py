@@ -648,6 +648,8 @@ async def _soak(cfg: SoakConfig, seed: int, info: stack_mod.StackInfo, run_dir: 
         "PUMPFLEET_DATABASE_URL": db_url,
         "PUMPFLEET_INGEST__CLIENT_ID": "soak-ingest",
         "PUMPFLEET_LOG_LEVEL": "INFO",
+        # A lab: the S- pumps are never provisioned, so the soak opts in to registering them.
+        "PUMPFLEET_INGEST__UNKNOWN_PUMPS": "register",
     }
     ingester = _Service("ingest", env, run_dir / "ingest.log")
     alerting = [_Service("alerting", env, run_dir / f"alerting-{n}.log") for n in (1, 2)]

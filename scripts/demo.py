@@ -204,6 +204,8 @@ def main() -> None:
         # follows the fleet's device time.
         "PUMPFLEET_ALERTS__CLOCK": "fleet",
         "PUMPFLEET_ALERTS__TICK_S": "0.1",
+        # A lab: the demo's agents (AG-...) publish before any clinic provisioned them.
+        "PUMPFLEET_INGEST__UNKNOWN_PUMPS": "register",
     }
     port = stack.free_port()
     ingest_log = RUN_DIR / "ingest.log"

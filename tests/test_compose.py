@@ -109,6 +109,9 @@ def test_start_order_health_checks_and_volumes() -> None:
 
     for name in services:
         reach(name)
+    # Alerting runs apart from the ingesters, active and standby.
+    assert services["alerting"]["command"] == ["alerting"]
+    assert services["alerting"].get("deploy", {}).get("replicas", 1) >= 2
     # The simulated fleet only with --profile sim.
     assert {n for n, s in services.items() if "sim" in s.get("profiles", [])} >= {"sim", "agent"}
 

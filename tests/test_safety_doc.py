@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from ingest.findings import PRIORITY_RANK, RULES
+from ingest.findings import PRIORITY_RANK, RULES, SERVICE_RULE_PRIORITY, SERVICE_RULES
 from ingest.rules.engine import RuleEngine
 from ingest.rules.thresholds import Thresholds
 
@@ -223,3 +223,24 @@ def test_tests_named_outside_the_table_exist_too() -> None:
     text = DOC.read_text(encoding="utf-8")
     missing = sorted(set(_TEST_NAME.findall(text)) - defined_functions())
     assert not missing, f"docs/safety.md names tests that do not exist: {missing}"
+
+
+def test_the_alerts_the_service_raises_itself_have_their_rows_too() -> None:
+    """`ingest.findings.SERVICE_RULES` (not the engine's): one row each in the `| alert |` table,
+    with the catalogue's priority and tests that exist."""
+    lines = DOC.read_text(encoding="utf-8").splitlines()
+    starts = [i for i, line in enumerate(lines) if line.startswith("| alert |")]
+    assert len(starts) == 1, "docs/safety.md: expected one table whose header starts '| alert |'"
+    header = _cells(lines[starts[0]])
+    rows = {}
+    for line in lines[starts[0] + 2 :]:
+        if not line.startswith("|"):
+            break
+        cells = _cells(line)
+        assert len(cells) == len(header), f"docs/safety.md: {cells[0]} has {len(cells)} cells"
+        rows[cells[0].strip("`")] = dict(zip(header, cells, strict=True))
+    assert set(rows) == set(SERVICE_RULES)
+    for name, row in rows.items():
+        assert re.findall(r"`([a-z]+)`", row["priority"]) == [SERVICE_RULE_PRIORITY[name]]
+        names = _TEST_NAME.findall(row["tests"])
+        assert names and not set(names) - defined_functions(), f"{name}: tests {names}"

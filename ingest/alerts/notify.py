@@ -255,16 +255,18 @@ class Notifier:
                 await asyncio.wait_for(self._wake.wait(), timeout=self.cfg.poll_s)
 
     async def step(self, conn: asyncpg.Connection) -> int:
-        """One round: re-send open alerts if due, deliver what is pending, prune old rows."""
+        """One round: deliver what is pending, re-send open alerts if due, prune old rows."""
         sent = 0
         now = time.monotonic()
+        # What is new first: a re-send of every open alert (thousands of standing notices in a
+        # fleet) must not delay a page queued meanwhile.
+        for receiver in self.receivers:
+            sent += await self.deliver(conn, receiver)
         if "alertmanager" in self.receivers and now >= self._next_resend:
             ok = await self.resend_open(conn)
             # Failed: try again soon, not at every poll (the outbox has its own backoff).
             wait = self.cfg.alertmanager_resend_s if ok else 10 * self.cfg.retry_min_s
             self._next_resend = now + min(wait, self.cfg.alertmanager_resend_s)
-        for receiver in self.receivers:
-            sent += await self.deliver(conn, receiver)
         if now >= self._next_prune:
             await conn.execute(
                 "DELETE FROM alert_outbox WHERE coalesce(delivered_at, failed_at) "
@@ -282,8 +284,12 @@ class Notifier:
         sent = 0
         while True:
             rows = await conn.fetch(
+                # Pages before standing notices: a fleet's first minutes queue one info
+                # notice per pump, and a critical alarm must not wait behind them. An alert
+                # never changes between info and another priority, so its rows keep their order.
                 "SELECT id, alert_id, action, event FROM alert_outbox WHERE receiver = $1 "
-                "AND delivered_at IS NULL AND failed_at IS NULL ORDER BY id LIMIT $2",
+                "AND delivered_at IS NULL AND failed_at IS NULL "
+                "ORDER BY event->>'priority' = 'info', id LIMIT $2",
                 receiver,
                 _BATCH,
             )

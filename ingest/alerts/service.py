@@ -26,6 +26,7 @@ import dataclasses
 import inspect
 import logging
 import random
+import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -37,7 +38,7 @@ from ingest import rules
 from ingest.alerts.book import CHANNEL, Book, BookPolicy, Transition
 from ingest.alerts.lease import Lease, LeaseLost
 from ingest.alerts.notify import Notifier, receivers
-from ingest.findings import Finding
+from ingest.findings import SERVICE_RULE_PRIORITY, SERVICE_RULES, Finding
 from pumpfleet import contract
 from pumpfleet.contract import Message
 from pumpfleet.settings import Settings
@@ -58,7 +59,8 @@ _DB_ERRORS = (
     asyncpg.exceptions.OperatorInterventionError,
 )
 FEED_CHANNEL = "pumpfleet_feed"
-FEED_BATCH = 2000
+_FLEET_SLACK = timedelta(minutes=10)
+FEED_BATCH = 1000
 """Feed rows per transaction: large enough to keep up with a draining backlog, small enough
 that an urgent row stored meanwhile waits at most one batch (a few tens of milliseconds)."""
 
@@ -139,6 +141,9 @@ class Alerting:
         # On the wall clock, silence counts from arrival, not from a device clock that may be off.
         self._received_at = self.cfg.clock == "wall" and _accepts(engine.observe, "received_at")
         self._fleet_ticks = self.cfg.clock == "fleet" and clock is None
+        self._quarantine_raised: set[str] = set()
+        """Quarantined pumps raised in their current episode (see `_unprovisioned`)."""
+        self._quarantine_next = 0.0
 
     # clock -------------------------------------------------------------------------------------
 
@@ -188,9 +193,15 @@ class Alerting:
             self.stats.apply_errors += 1
             log.exception("alert book failed; findings dropped", extra={"findings": len(findings)})
 
-    def _observe(self, msgs: Sequence[Message]) -> list[Finding]:
-        """Run the rules over messages; one that fails is logged and the rest go on."""
+    def _observe(self, msgs: Sequence[Message], catching_up: bool = False) -> list[Finding]:
+        """Run the rules over messages; one that fails is logged and the rest go on.
+
+        `catching_up`: a full feed batch (a backlog after a takeover, say). On the fleet clock
+        the watchdog then looks at each reading's time less `_FLEET_SLACK` before judging it,
+        so timers fall due at the data's time, not a batch of hours later; the slack leaves
+        room for readings of different pumps stored a little out of time order."""
         findings: list[Finding] = []
+        ticked = self._fleet_now
         self.stats.observed += len(msgs)
         latest = self._fleet_now
         arrived = datetime.now(UTC)
@@ -200,12 +211,11 @@ class Alerting:
             # they may be stored before the telemetry that precedes them.
             if msg.kind == "telemetry" and (latest is None or msg.time > latest):
                 latest = msg.time
-                if self._fleet_ticks:
-                    # On the fleet clock the watchdog's time is the data's: while a backlog
-                    # drains (after a takeover, say), what fell due before this message is
-                    # judged at its own time, not a batch later.
+                due = latest - _FLEET_SLACK
+                if catching_up and self._fleet_ticks and (ticked is None or due > ticked):
+                    ticked = due
                     try:
-                        findings.extend(self.engine.tick(latest))
+                        findings.extend(self.engine.tick(due))
                     except Exception:
                         self.stats.engine_errors += 1
                         log.exception("rule engine tick failed")
@@ -265,7 +275,7 @@ class Alerting:
                     "stored message no longer valid; not judged",
                     extra={"pump_id": row["pump_id"], "seq": row["seq"], "error": str(exc)},
                 )
-        findings = self._observe(msgs)
+        findings = self._observe(msgs, catching_up=len(rows) >= limit)
         ids = [row["id"] for row in rows]
         self.stats.findings += len(findings)
 
@@ -325,22 +335,81 @@ class Alerting:
                 conn.terminate()
 
     async def tick(self) -> list[Transition]:
-        """One watchdog round: the rules' tick, then the unacknowledged-escalation check."""
+        """One watchdog round: the rules' tick, the quarantined pumps (unprovisioned_device),
+        then the unacknowledged-escalation check."""
+        quarantine: list[Finding] = []
+        if time.monotonic() >= self._quarantine_next:  # not latency-critical: not every tick
+            self._quarantine_next = time.monotonic() + QUARANTINE_EVERY_S
+            quarantine = await self._unprovisioned()
         now = self.now()
-        if now is None:
-            return []
+        if now is None:  # the fleet clock has seen no telemetry yet; quarantine is wall time
+            done = await self.apply(quarantine) if quarantine else []
+            return done
         try:
             findings = self.engine.tick(now)
         except Exception:
             self.stats.engine_errors += 1
             log.exception("rule engine tick failed")
             findings = []
+        findings += quarantine
         done = await self.apply(findings) if findings else []
         escalated = await self._with_db(
             lambda conn: self._fenced(conn, lambda c: self.book.escalate_unacked(c, now))
         )
         self._applied(escalated)
         return done + escalated
+
+    async def _unprovisioned(self) -> list[Finding]:
+        """unprovisioned_device Findings from `quarantine_seen` (the ingesters write it with
+        the quarantined messages' dead letters): one alert per pump seen within the last hour
+        that is still not provisioned (or revoked); ended once the pump is provisioned.
+
+        Raised once per episode: an alert a person resolved while the pump keeps publishing
+        is not raised again until the pump has been quiet for the hour (or a restart)."""
+
+        async def read(conn: asyncpg.Connection) -> tuple[list[asyncpg.Record], set[str]]:
+            open_now = {
+                a.pump_id for a in self.book.open_alerts.values() if a.rule == UNPROVISIONED
+            }
+            return await conn.fetch(_QUARANTINE_SQL, list(open_now)), open_now
+
+        try:
+            rows, open_now = await self._with_db(read)
+        except asyncpg.PostgresError as exc:  # e.g. a schema before 0008: say so, go on
+            log.warning("alerting: quarantine not read", extra={"error": _one_line(exc)})
+            return []
+        findings: list[Finding] = []
+        priority = SERVICE_RULE_PRIORITY[UNPROVISIONED]
+        seen: set[str] = set()
+        for r in rows:
+            pump_id = r["pump_id"]
+            if r["provisioned"]:
+                if pump_id in open_now:
+                    summary = f"pump {pump_id} is provisioned now"
+                    findings.append(
+                        Finding(pump_id, UNPROVISIONED, False, priority, r["now"], summary)
+                    )
+                continue
+            if not r["recent"]:
+                continue  # an open alert stays open until the pump is provisioned
+            seen.add(pump_id)
+            if pump_id in self._quarantine_raised and pump_id not in open_now:
+                continue
+            state = "revoked" if r["registered"] else "not provisioned"
+            findings.append(
+                Finding(
+                    pump_id,
+                    UNPROVISIONED,
+                    True,
+                    priority,
+                    r["now"],
+                    f"unprovisioned device publishing: pump {pump_id} is {state}; its "
+                    "messages are quarantined, not stored as data",
+                    {"state": state, "first_seen": r["first_at"].isoformat()},
+                )
+            )
+        self._quarantine_raised = seen
+        return findings
 
     async def run(self, feed: bool = True) -> None:
         """Feed, watchdog, escalation, notifier (and the lease) until stop(); raises LeaseLost
@@ -506,6 +575,8 @@ class Alerting:
         if restore is None:
             return
         for alert in self.book.open_alerts.values():
+            if alert.rule in SERVICE_RULES:  # raised by this service, not the engine
+                continue
             try:
                 restore(alert.pump_id, alert.rule, alert.priority, alert.started_at)
             except Exception:
@@ -550,6 +621,24 @@ class Alerting:
         self.stats.warmed = count
         return count
 
+
+UNPROVISIONED = "unprovisioned_device"
+QUARANTINE_EVERY_S = 5.0
+"""How often the watchdog reads `quarantine_seen` (at most once a tick)."""
+
+# The pumps seen in quarantine within the hour, and those with an open alert ($1), with what
+# the registry says about them now. Receive times and `now` are the database's clock.
+_QUARANTINE_SQL = """
+SELECT u.pump_id, q.first_at, now() AS now,
+       coalesce(q.last_at >= now() - interval '1 hour', false) AS recent,
+       p.pump_id IS NOT NULL AS registered,
+       p.pump_id IS NOT NULL AND coalesce(p.revoked_at > now(), true) AS provisioned
+FROM (SELECT pump_id FROM quarantine_seen WHERE last_at >= now() - interval '1 hour'
+      UNION SELECT unnest($1::text[])) u
+LEFT JOIN quarantine_seen q USING (pump_id)
+LEFT JOIN pumps p USING (pump_id)
+ORDER BY u.pump_id
+"""
 
 # Stored rows as the wire messages they were: telemetry's columns are the message's fields; an
 # event's body is the message itself; statuses come from their log.

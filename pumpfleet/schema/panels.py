@@ -395,7 +395,7 @@ LEFT JOIN pumps p ON p.pump_id = a.pump_id
 WHERE $__timeFilter(h.at) AND h.phase <> 'continue'
   AND coalesce(a.clinic, p.clinic, 'unassigned') IN ($clinic) AND h.priority IN ($priority)
 ORDER BY h.at DESC, h.id DESC
-LIMIT 500"""
+LIMIT 2000"""
     ),
     "alerts.response_times": Query(
         f"""SELECT a.priority, count(*) AS "started", count(a.acked_at) AS "acknowledged",
@@ -430,7 +430,7 @@ LEFT JOIN pumps p ON p.pump_id = a.pump_id
 WHERE h.phase = 'escalate' AND $__timeFilter(h.at)
   AND coalesce(a.clinic, p.clinic, 'unassigned') IN ($clinic) AND h.priority IN ($priority)
 ORDER BY h.at DESC, h.id DESC
-LIMIT 500"""
+LIMIT 2000"""
     ),
     # Pipeline health ---------------------------------------------------------------------------
     "pipeline.stored_rate": Query(

@@ -196,10 +196,10 @@ class Alerting:
     def _observe(self, msgs: Sequence[Message], catching_up: bool = False) -> list[Finding]:
         """Run the rules over messages; one that fails is logged and the rest go on.
 
-        `catching_up`: a full feed batch (a backlog after a takeover, say). On the fleet clock
-        the watchdog then looks at each reading's time less `_FLEET_SLACK` before judging it,
-        so timers fall due at the data's time, not a batch of hours later; the slack leaves
-        room for readings of different pumps stored a little out of time order."""
+        On the fleet clock the watchdog also looks at each reading's time less `_FLEET_SLACK`
+        before judging it, so timers fall due at the data's time while a backlog drains (after
+        a takeover, say), not a batch of hours later; the slack leaves room for readings of
+        different pumps stored a little out of time order. `catching_up`: a full feed batch."""
         findings: list[Finding] = []
         ticked = self._fleet_now
         self.stats.observed += len(msgs)
@@ -212,7 +212,7 @@ class Alerting:
             if msg.kind == "telemetry" and (latest is None or msg.time > latest):
                 latest = msg.time
                 due = latest - _FLEET_SLACK
-                if catching_up and self._fleet_ticks and (ticked is None or due > ticked):
+                if self._fleet_ticks and (ticked is None or due > ticked):
                     ticked = due
                     try:
                         findings.extend(self.engine.tick(due))

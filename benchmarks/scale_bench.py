@@ -35,7 +35,14 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 sys.path.insert(0, str(Path(__file__).parent))
-from ingest_bench import Watched, fresh_db, ingester_env, loss_and_duplicates, publish
+from ingest_bench import (
+    Watched,
+    count_rows,
+    fresh_db,
+    ingester_env,
+    loss_and_duplicates,
+    publish,
+)
 
 from pumpfleet import alertmanager, contract
 from pumpfleet import stack as stack_mod
@@ -60,14 +67,6 @@ def session(mqtt_url: str, client_id: str, topic_filter: str) -> None:
     c.loop_stop()
 
 
-async def rows(dsn: str) -> int:
-    conn = await asyncpg.connect(dsn)
-    try:
-        return int(await conn.fetchval("SELECT count(*) FROM telemetry"))
-    finally:
-        await conn.close()
-
-
 async def drain(info: stack_mod.StackInfo, n: int, workers: int, work: Path) -> dict[str, float]:
     """`workers` ingesters (a shared group when more than one) drain an n-message backlog."""
     dsn = await fresh_db(info, f"scale_{workers}_{uuid.uuid4().hex[:6]}")
@@ -87,7 +86,7 @@ async def drain(info: stack_mod.StackInfo, n: int, workers: int, work: Path) -> 
         )
     try:
         deadline = time.monotonic() + 900
-        while await rows(dsn) < n and time.monotonic() < deadline:
+        while await count_rows(dsn) < n and time.monotonic() < deadline:
             await asyncio.sleep(0.2)
         cpu = sum(p.cpu_s() for p in procs)
     finally:
@@ -184,9 +183,9 @@ async def alarm(
     )
     pump = f"STALL-{uuid.uuid4().hex[:6]}"
     try:
-        while await rows(dsn) < min(n // 10, 50_000):  # the drain is under way
+        while await count_rows(dsn) < min(n // 10, 50_000):  # the drain is under way
             await asyncio.sleep(0.1)
-        backlog_left = n - await rows(dsn)
+        backlog_left = n - await count_rows(dsn)
         sent = await asyncio.to_thread(_stall, info.mqtt_url, pump)
         conn = await asyncpg.connect(dsn)
         try:

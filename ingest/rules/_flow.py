@@ -179,6 +179,7 @@ class FlowState:
         "trend_blind",
         "trend_call",
         "trend_fig",
+        "trend_from_seq",
         "trend_restart",
         "trend_whole",
         "trend_x",
@@ -198,6 +199,9 @@ class FlowState:
         self.trend_x = 0.0
         self.trend_y0 = 0.0
         self.trend_restart = True
+        self.trend_from_seq = -1
+        """The last refill's seq: a reading older than it says nothing of the refilled
+        reservoir (stored late, behind the refill event that overtook it)."""
         self.trend_call: Call | None = None
         self.trend_fig: dict[str, Any] = {}
         self.trend_blind = False
@@ -265,6 +269,8 @@ def _trend(st: FlowState, p: Pump, m: Telemetry, t: float) -> None:
         st.trend_restart = True
         st.trend_call = None
         st.trend_blind = False
+        return
+    if m.seq < st.trend_from_seq:
         return
     y_ml = m.reservoir_ml
     gap = t - p.prev_tel_s
@@ -386,6 +392,7 @@ def observe_flow(p: Pump, msg: Message, t: float) -> None:
         st.no_delivery = False  # a refill ends a stop; the next reading says how it runs
         st.zero_since_s, st.zero_ul = INF, 0.0
         st.trend_restart = True  # the reservoir trend starts again from the next reading
+        st.trend_from_seq = max(st.trend_from_seq, msg.seq)
         st.trend.clear()
         st.trend_whole = None
         st.trend_call = None
@@ -430,6 +437,13 @@ class OverInfusion(Rule):
 
     def observe(self, p: Pump, msg: Message, t: float) -> None:
         observe_flow(p, msg, t)  # shared with under_infusion: run once, here
+
+    def reset(self, p: Pump) -> None:
+        """The agent lost its seq store: seqs start again, so does the trend."""
+        st = p.state.get("flow")
+        if st is not None:
+            st.trend_from_seq = -1
+            st.trend_restart = True
 
     def judge(self, p: Pump, t: float) -> Verdict:
         if "flow" not in p.state:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import heapq
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Protocol
@@ -53,6 +53,7 @@ def drive(
     step: timedelta = timedelta(minutes=5),
     honour_flags: bool = True,
     seqs: dict[str, int] | None = None,
+    lag_s: Callable[[Message], float] | None = None,
 ) -> Delivered:
     """Advance the pumps to `end` in steps; deliver each observation at its simulated send time
     (+ its delay), twice if flagged duplicate, never if lost (its seq is still used); tick the
@@ -60,7 +61,10 @@ def drive(
 
     `seqs`: each pump's next seq, updated; pass the same dict to a later `drive()` of the same
     pumps (e.g. after a restart) so their seqs go on rising as a real pump's do. A pump whose
-    seqs start again at 0 with later times looks like one that lost its seq store."""
+    seqs start again at 0 with later times looks like one that lost its seq store.
+
+    `lag_s(msg)`: seconds more before `msg` arrives, e.g. telemetry held behind a backlog while
+    the urgent lane stores a pump's events at once (a later event overtakes earlier readings)."""
     pumps = list(pumps)
     out = Delivered()
     seqs = {} if seqs is None else seqs
@@ -76,6 +80,8 @@ def drive(
                 continue
             msg = obs.to_message(pid, seq)
             arrival = obs.sim_time + timedelta(seconds=obs.delay_s if honour_flags else 0)
+            if lag_s is not None:
+                arrival += timedelta(seconds=lag_s(msg))
             for _ in range(2 if honour_flags and obs.duplicate else 1):
                 n += 1
                 heapq.heappush(queue, (arrival, n, msg))

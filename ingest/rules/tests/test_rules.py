@@ -199,6 +199,42 @@ def test_refill_restarts_the_trend_instead_of_looking_like_under_infusion() -> N
     assert only(feed.findings, "over_infusion") == []
 
 
+def _refill_overtaking_a_reading(feed: Feed) -> None:
+    """The last reading before a refill stored after the refill event (the urgent lane stores
+    events at once; the reading waited in a backlog)."""
+    feed.hours(4)
+    late = feed.telemetry_msg()  # 29.6 mL, seq N
+    feed.refill(expected_ml=29.6, withdrawn_ml=29.6, injected_ml=32.0)  # seq N + 1
+    feed.findings += feed.engine.observe(late)
+
+
+def test_a_reading_older_than_the_refill_stays_out_of_the_refilled_trend() -> None:
+    feed = Feed(noise_ul=2.0)
+    _refill_overtaking_a_reading(feed)
+    feed.hours(30)
+    st = feed.engine._pumps["P-000001"].state["flow"]
+    assert st.trend_whole is not None
+    got = st.trend_whole.slope()
+    assert got is not None and got[1] < 0.01  # 2 uL of noise, not a 2.4 mL step
+    assert only(feed.findings, "flow_not_observable") == []
+    assert only(feed.findings, "under_infusion") == []
+    assert only(feed.findings, "over_infusion") == []
+
+
+def test_after_the_agent_loses_its_seq_store_the_trend_follows_the_new_seqs() -> None:
+    feed = Feed(noise_ul=2.0)
+    _refill_overtaking_a_reading(feed)
+    feed.hours(2)
+    feed.seq = 0  # reinstalled: seqs below the refill's (37) for the next 6 h
+    feed.hours(3)
+    st = feed.engine._pumps["P-000001"].state["flow"]
+    assert st.trend_whole is not None and st.trend_whole.n == 18  # begun again with the seqs
+    feed.hours(27)
+    feed.flow_factor = 0.5
+    feed.hours(12)
+    assert only(feed.findings, "under_infusion") == [(True, "high")]
+
+
 @pytest.mark.parametrize("flow_factor", [0.7, 0.5, 0.0])
 def test_under_infusion_from_the_measured_trend(flow_factor: float) -> None:
     feed = Feed(noise_ul=2.0)

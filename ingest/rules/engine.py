@@ -126,6 +126,7 @@ class RuleEngine:
                 g.missing.clear()
                 g.lost.clear()
                 g.lost_count = 0
+                g.span = None
 
     def tick(self, now: datetime) -> list[Finding]:
         """The watchdog: silence, post-MRI deadlines, lost seqs, expiring notices, EOS dates.
@@ -228,7 +229,7 @@ class RuleEngine:
         at = msg.time
         t = at.timestamp()
         seq = msg.seq
-        verdict = _gap.accept(p, seq, t)
+        verdict = _gap.accept(p, seq, t, event=msg.kind == "event")
         if verdict == _gap.SEEN:
             return
         if verdict < 0:

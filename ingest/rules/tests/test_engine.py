@@ -111,6 +111,40 @@ def test_an_agent_that_starts_its_seqs_again_is_followed_not_ignored() -> None:
     assert only(feed.findings, "sequence_gap") == []
 
 
+@pytest.mark.parametrize("held", [3, 20, 200])
+def test_an_event_that_overtakes_the_readings_before_it_loses_nothing(held: int) -> None:
+    """The urgent lane stores a pump's event while `held` readings before it (up to 33 h of
+    them: a backlog after an outage) still wait in the main lane: no gap, every reading judged."""
+    feed = Feed()
+    feed.hours(1)
+    backlog = [feed.telemetry_msg() for _ in range(held - 1)]
+    backlog.append(feed.telemetry_msg(reservoir_ml=1.5))
+    stall = feed.stall()  # the event, stored first
+    assert only(stall, "critical_pump_alarm") == [(True, "high")]
+    assert feed.tick(3 * 3600) == []  # other pumps' readings move the fleet clock on
+    for m in backlog:
+        feed.findings += feed.engine.observe(m)
+    feed.hours(2)
+    assert only(feed.findings, "sequence_gap") == []
+    assert only(feed.findings, "low_reservoir")[:1] == [(True, "medium")]  # the backlog's last
+
+
+@pytest.mark.parametrize("held", [3, 200])
+def test_what_never_follows_an_overtaking_event_is_lost_on_the_pumps_readings(held: int) -> None:
+    feed = Feed()
+    feed.hours(1)
+    backlog = [feed.telemetry_msg() for _ in range(held)]
+    feed.stall()
+    for m in backlog[1:]:  # the first of them never arrives
+        feed.findings += feed.engine.observe(m)
+    assert only(feed.findings, "sequence_gap") == []
+    feed.hours(0.4)
+    assert only(feed.findings, "sequence_gap") == []  # 30 min of the pump's readings not yet
+    found = feed.hours(0.2)
+    assert only(found, "sequence_gap") == [(True, "low")]
+    assert next(f for f in found if f.rule == "sequence_gap").details["lost_messages"] == 1
+
+
 def test_a_huge_gap_is_lost_at_once_without_remembering_every_seq() -> None:
     feed = Feed()
     feed.hours(1)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import re
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
@@ -35,9 +36,10 @@ SCHEMAS: dict[str, dict[str, Any]] = {
 NOW = datetime.now(UTC).replace(microsecond=0)
 PAST = (NOW - timedelta(days=3)).isoformat()
 
-# 100 examples a property keep the whole file near 25 s of CPU on a developer's machine.
+# 100 examples a property keep the whole file near 25 s of CPU on a developer's machine;
+# `make fuzz` sets PUMPFLEET_FUZZ_EXAMPLES for a long run.
 AGREEMENT = settings(
-    max_examples=100,
+    max_examples=int(os.environ.get("PUMPFLEET_FUZZ_EXAMPLES", "100")),
     deadline=None,
     database=None,
     suppress_health_check=[

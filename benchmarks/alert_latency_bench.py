@@ -7,6 +7,10 @@ high, which has no duration condition). For each fault it measures the time from
 fault to (a) the alert row being visible in the database and (b) Alertmanager listing the alert,
 and prints p50/p99/max of both.
 
+The fault is what a pump sends (and the simulator models): the `motor_stall` event it logs,
+then readings that show the rotor stopped. `--fault-as telemetry` sends only the stalled
+reading, which waits in the telemetry queue with the fleet's readings (the main lane's figure).
+
     .venv/bin/python benchmarks/alert_latency_bench.py [--pumps 10000 --rate 5000 --faults 100]
     .venv/bin/python benchmarks/alert_latency_bench.py --repeat 5   # p99 min/median/max
 """
@@ -60,6 +64,19 @@ def _telemetry(pump_id: str, seq: int, stalled: bool) -> bytes:
     ).encode()
 
 
+def _stall_event(pump_id: str, seq: int) -> bytes:
+    return json.dumps(
+        {
+            "v": 1,
+            "kind": "event",
+            "event": "motor_stall",
+            "pump_id": pump_id,
+            "time": datetime.now(UTC).isoformat(),
+            "seq": seq,
+        }
+    ).encode()
+
+
 def inject_faults(
     mqtt_url: str,
     pumps: list[str],
@@ -67,8 +84,10 @@ def inject_faults(
     spacing_s: float,
     fault_at: dict[str, float],
     stop: threading.Event,
+    as_event: bool = True,
 ) -> None:
-    """Fault pumps report every second; after the warm-up they stall one every `spacing_s`."""
+    """Fault pumps report every second; after the warm-up they stall one every `spacing_s`,
+    logging the stall as an event first (`as_event`) as a pump does."""
     url = urllib.parse.urlsplit(mqtt_url)
     client = mqtt.Client(
         callback_api_version=CallbackAPIVersion.VERSION2,
@@ -91,6 +110,9 @@ def inject_faults(
         due = min(len(pumps), max(0, int((now - start - warmup_s) / spacing_s) + 1))
         for pump in pumps[len(fault_at) : due]:  # the fault goes out the moment it is due
             fault_at[pump] = time.time()
+            if as_event:
+                seq[pump] += 1
+                client.publish(contract.topic(pump, "event"), _stall_event(pump, seq[pump]), 1)
             send(pump)
         if now >= next_beat:  # every pump's regular reading, stalled or not
             for pump in pumps:
@@ -171,6 +193,13 @@ async def main() -> None:
     ap.add_argument("--seconds", type=float, default=60)
     ap.add_argument("--workers", type=int, default=4)
     ap.add_argument("--repeat", type=int, default=1, help="runs, each on a fresh stack")
+    ap.add_argument(
+        "--fault-as",
+        choices=("event", "telemetry"),
+        default="event",
+        help="event: the pump's motor_stall event, then stalled readings (what a pump sends); "
+        "telemetry: a stalled reading only",
+    )
     args = ap.parse_args()
     results = [await one_run(args) for _ in range(args.repeat)]
     if args.repeat > 1:
@@ -227,7 +256,15 @@ async def one_run(args: argparse.Namespace) -> tuple[float, float]:
             spacing = max(0.05, (args.seconds - 15) / args.faults)
             injector = threading.Thread(
                 target=inject_faults,
-                args=(info.mqtt_url, fault_pumps, 10.0, spacing, fault_at, stop),
+                args=(
+                    info.mqtt_url,
+                    fault_pumps,
+                    10.0,
+                    spacing,
+                    fault_at,
+                    stop,
+                    args.fault_as == "event",
+                ),
                 daemon=True,
             )
             n_fleet = int(args.rate * args.seconds)

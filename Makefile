@@ -4,7 +4,7 @@ PYTHON  ?= python3
 BIN     := $(VENV)/bin
 NODEDIR := tests/timescaledb
 
-.PHONY: demo test check soak setup system venv node bench clean
+.PHONY: demo test check soak fuzz sbom setup system venv node bench clean
 
 demo: setup
 	$(BIN)/python scripts/demo.py
@@ -16,11 +16,22 @@ check: venv
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+	$(BIN)/lint-imports --no-cache
 
 # The chaos soak, full profile: SOAK_MINUTES of load (default 10) under seeded random faults.
 SOAK_MINUTES ?= 10
 soak: setup
 	$(BIN)/pumpfleet soak --minutes $(SOAK_MINUTES) $(if $(SEED),--seed $(SEED))
+
+# The decoder's fuzz and schema-agreement properties, long: FUZZ_EXAMPLES each (default 2000, about 10 min).
+FUZZ_EXAMPLES ?= 2000
+fuzz: venv
+	PUMPFLEET_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(BIN)/pytest -q -p no:cacheprovider \
+		tests/test_decoder_fuzz.py tests/test_contract_agreement.py
+
+# A CycloneDX SBOM of the shipped environment (runtime dependencies only): dist/pumpfleet.cdx.json
+sbom: venv
+	scripts/sbom $(if $(OUT),$(OUT))
 
 setup: system venv node
 

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from ingest.alerts.tests.helpers import Sink
 from pumpfleet import alertmanager
 from pumpfleet import stack as stack_mod
+from pumpfleet.testing import Sink
 
 
 @pytest.fixture(scope="session")

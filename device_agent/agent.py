@@ -1,13 +1,13 @@
 """The pump agent: driver output -> contract-valid messages -> on-disk outbox -> MQTT, QoS 1.
 
-An asyncio program on aiomqtt (`arun`, or `run` from a thread or the CLI). Two loops run at once:
-the producer advances the driver every tick and queues what it produced; the connection loop
-connects (capped exponential backoff with jitter) and, while connected, keeps up to `inflight`
-publishes awaiting their PUBACK, handed to the client in seq order. A message is deleted from the
-outbox only after its PUBACK. Each connection gets a fresh client: when a connection ends, every
-unacknowledged publish is cancelled and goes back to "not sent", and the next connection starts
-again from the lowest queued seq. Reconnecting after an outage and restarting after SIGKILL are
-therefore the same code path, and order holds across both.
+An asyncio program on aiomqtt (`arun`, or `run` from a thread or the CLI). Two loops run at
+once: the producer advances the driver every tick and queues what it produced; the connection
+loop connects (tenacity's capped exponential backoff, with jitter) and, while connected, keeps
+up to `inflight` publishes awaiting their PUBACK, handed to the client in seq order. A message
+is deleted from the outbox only after its PUBACK. Each connection gets a fresh client: when a
+connection ends, every unacknowledged publish is cancelled and goes back to "not sent", and the
+next connection starts again from the lowest queued seq. Reconnecting after an outage and
+restarting after SIGKILL are therefore the same code path, and order holds across both.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from typing import Any
 import aiomqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_exponential
 
 from pumpfleet import contract
 from pumpfleet.broker import BrokerOptions
@@ -302,20 +303,26 @@ class Agent:
     # connecting ---------------------------------------------------------------------------------
 
     async def _stay_connected(self, flush_timeout_s: float) -> None:
-        """Connect; when a connection ends, connect again, until a stop is requested."""
-        backoff = self.reconnect_min_s
+        """Connect; when a connection ends, connect again, until a stop is requested.
+
+        A broker that does not accept us is retried with capped exponential backoff, each wait
+        ±20 % (a fleet that lost its broker at one moment must not come back in step); a
+        connection that was up and ended starts the backoff afresh. Never fatal: the outbox
+        keeps filling on disk meanwhile."""
+        backoff = wait_exponential(multiplier=self.reconnect_min_s, max=self.reconnect_max_s)
+        reconnecting = AsyncRetrying(
+            retry=retry_if_exception_type(_ConnectFailed),
+            wait=lambda attempt: backoff(attempt) * random.uniform(0.8, 1.2),
+            sleep=lambda seconds: _wait(self._stop.wait(), seconds),
+            before_sleep=self._connect_failed,
+        )
         while not self._stop.is_set():
-            try:
-                await self._connection(flush_timeout_s)
-            except _ConnectFailed as exc:
-                # Not fatal: the outbox keeps filling on disk. Jitter: a fleet must not stampede.
-                delay = backoff * random.uniform(0.8, 1.2)
-                backoff = min(backoff * 2, self.reconnect_max_s)
-                self._connect_failed(str(exc), delay)
-            else:
-                backoff = self.reconnect_min_s
-                delay = self.reconnect_min_s * random.uniform(0.5, 1.0)
-            await _wait(self._stop.wait(), delay)
+            await reconnecting(self._connection_unless_stopped, flush_timeout_s)
+            await _wait(self._stop.wait(), self.reconnect_min_s * random.uniform(0.5, 1.0))
+
+    async def _connection_unless_stopped(self, flush_timeout_s: float) -> None:
+        if not self._stop.is_set():  # a stop during the backoff ends it, with no new attempt
+            await self._connection(flush_timeout_s)
 
     def _current_will(self) -> Will:
         """Reuse a will no broker has seen (same bytes), else reserve the next pair of seqs."""
@@ -430,7 +437,10 @@ class Agent:
         cause = exc.__context__  # refused, unreachable, DNS, TLS handshake, TCP timeout
         return f"{type(cause).__name__}: {cause}" if cause else str(exc)
 
-    def _connect_failed(self, reason: str, retry_in_s: float) -> None:
+    def _connect_failed(self, attempt: RetryCallState) -> None:
+        exc = attempt.outcome.exception() if attempt.outcome is not None else None
+        reason = str(exc)
+        retry_in_s = attempt.next_action.sleep if attempt.next_action is not None else 0.0
         self.stats.connect_failures += 1
         first = reason not in self._failure_streak
         self._failure_streak.append(reason)

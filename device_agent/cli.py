@@ -2,20 +2,21 @@
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import logging
 import re
 import signal
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import Annotated
 
-from pumpfleet import contract
+import typer
+
+from pumpfleet import cli, contract
 from pumpfleet.broker import BrokerConfigError, BrokerOptions
-from pumpfleet.cli import UsageError
 from pumpfleet.settings import Settings
 
 from .agent import Agent
@@ -30,77 +31,109 @@ DriverFactory = Callable[..., PumpDriver]
 
 FAST_START_BACK = timedelta(days=7)
 
+app = typer.Typer()
+"""`agent`, one command at the top of `pumpfleet`."""
 
-def register(subparsers: Any) -> None:
-    text = "run the device agent of one simulated pump (store-and-forward to MQTT)"
-    parser: argparse.ArgumentParser = subparsers.add_parser("agent", help=text, description=text)
-    parser.add_argument("--pump-id", required=True, help="e.g. P-000001")
-    parser.add_argument(
-        "--interval-s", type=float, default=600.0, help="reporting interval (default 600)"
+
+@dataclass(frozen=True)
+class AgentOptions:
+    """What `pumpfleet agent` was asked for; the defaults are the command's."""
+
+    pump_id: str
+    interval_s: float = 600.0
+    speed: float = 1.0
+    start: datetime | None = None
+    state_dir: Path | None = None
+    driver: str | None = None
+    inflight: int = 100
+    max_queue_messages: int = QueueLimits.max_messages
+    max_queue_mb: float = QueueLimits.max_bytes / 2**20
+
+
+def _utc_time(text: str) -> datetime:
+    try:
+        value = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise typer.BadParameter(f"{text!r} is not an ISO 8601 time") from None
+    if value.tzinfo is None:
+        raise typer.BadParameter(f"{text!r} needs a UTC offset, e.g. 2026-01-01T00:00Z")
+    return value.astimezone(UTC)
+
+
+@app.command("agent", help="run the device agent of one simulated pump (store-and-forward to MQTT)")
+def _agent(
+    ctx: typer.Context,
+    pump_id: Annotated[str, typer.Option(help="e.g. P-000001")],
+    interval_s: Annotated[float, typer.Option(help="reporting interval")] = AgentOptions.interval_s,
+    speed: Annotated[
+        float, typer.Option(help="simulated seconds per real second")
+    ] = AgentOptions.speed,
+    start: Annotated[
+        datetime | None,
+        typer.Option(
+            parser=_utc_time,
+            help="device clock at start, UTC ISO 8601 (default now; 7 days ago when --speed > 1)",
+        ),
+    ] = None,
+    state_dir: Annotated[
+        Path | None,
+        typer.Option(
+            help="where the on-disk queue lives (default <run dir>/agents, i.e. .pumpfleet/agents)"
+        ),
+    ] = None,
+    driver: Annotated[
+        str | None,
+        typer.Option(
+            metavar="MODULE:FACTORY",
+            help="pump model factory (default: device_agent.driver:ConstantPump)",
+        ),
+    ] = None,
+    inflight: Annotated[int, typer.Option(help="unacked publishes")] = AgentOptions.inflight,
+    max_queue_messages: Annotated[int, typer.Option(metavar="N")] = AgentOptions.max_queue_messages,
+    max_queue_mb: Annotated[float, typer.Option(metavar="MB")] = AgentOptions.max_queue_mb,
+) -> None:
+    options = AgentOptions(
+        pump_id=pump_id,
+        interval_s=interval_s,
+        speed=speed,
+        start=start,
+        state_dir=state_dir,
+        driver=driver,
+        inflight=inflight,
+        max_queue_messages=max_queue_messages,
+        max_queue_mb=max_queue_mb,
     )
-    parser.add_argument(
-        "--speed", type=float, default=1.0, help="simulated seconds per real second (default 1)"
-    )
-    parser.add_argument(
-        "--start",
-        type=_utc_time,
-        default=None,
-        help="device clock at start, UTC ISO 8601 (default now; 7 days ago when --speed > 1)",
-    )
-    parser.add_argument(
-        "--state-dir",
-        type=Path,
-        default=None,
-        help="where the on-disk queue lives (default <run dir>/agents, i.e. .pumpfleet/agents)",
-    )
-    parser.add_argument(
-        "--driver",
-        default=None,
-        metavar="MODULE:FACTORY",
-        help="pump model factory (default: device_agent.driver:ConstantPump)",
-    )
-    parser.add_argument("--inflight", type=int, default=100, help="unacked publishes (100)")
-    parser.add_argument(
-        "--max-queue-messages", type=int, default=QueueLimits.max_messages, metavar="N"
-    )
-    parser.add_argument(
-        "--max-queue-mb", type=float, default=QueueLimits.max_bytes / 2**20, metavar="MB"
-    )
-    parser.set_defaults(handler=run_agent)
+    run_agent(options, cli.settings(ctx))
 
 
 def run_agent(
-    args: argparse.Namespace, settings: Settings, factory: DriverFactory | None = None
-) -> int:
-    """The `agent` handler; `factory` (or `--driver`) plugs in another pump model."""
-    pump_id = args.pump_id
-    if not re.fullmatch(contract.PUMP_ID_PATTERN, pump_id):
-        raise UsageError(f"--pump-id {pump_id!r}: use letters, digits, - and _ (at most 64)")
-    if args.interval_s <= 0 or args.speed <= 0 or args.inflight < 1:
-        raise UsageError("--interval-s, --speed and --inflight must be positive")
+    options: AgentOptions, settings: Settings, factory: DriverFactory | None = None
+) -> None:
+    """`pumpfleet agent` from code; `factory` (or `driver`) plugs in another pump model."""
+    o = options
+    if not re.fullmatch(contract.PUMP_ID_PATTERN, o.pump_id):
+        raise cli.UsageError(f"--pump-id {o.pump_id!r}: use letters, digits, - and _ (at most 64)")
+    if o.interval_s <= 0 or o.speed <= 0 or o.inflight < 1:
+        raise cli.UsageError("--interval-s, --speed and --inflight must be positive")
     try:
-        broker = BrokerOptions.from_settings(settings.mqtt, pump_id)
-        limits = QueueLimits(args.max_queue_messages, int(args.max_queue_mb * 2**20))
+        broker = BrokerOptions.from_settings(settings.mqtt, o.pump_id)
+        limits = QueueLimits(o.max_queue_messages, int(o.max_queue_mb * 2**20))
         if broker.tls:
             broker.tls_context()  # unusable TLS files: a configuration error, not a retry
     except BrokerConfigError as exc:
-        raise UsageError(str(exc)) from None
+        raise cli.UsageError(str(exc)) from None
     except ValueError as exc:
-        raise UsageError(f"{exc}; check the queue limits") from None
-    start = args.start or (
-        datetime.now(UTC) - (FAST_START_BACK if args.speed > 1 else timedelta(0))
-    )
-    factory = factory or (_load_factory(args.driver) if args.driver else ConstantPump)
-    driver = factory(pump_id, start=start, reporting_interval_s=args.interval_s)
-    state_dir = args.state_dir or settings.run_dir / "agents"
+        raise cli.UsageError(f"{exc}; check the queue limits") from None
+    start = o.start or (datetime.now(UTC) - (FAST_START_BACK if o.speed > 1 else timedelta(0)))
+    factory = factory or (_load_factory(o.driver) if o.driver else ConstantPump)
+    driver = factory(o.pump_id, start=start, reporting_interval_s=o.interval_s)
+    state_dir = o.state_dir or settings.run_dir / "agents"
     try:
-        store = Store(state_dir / f"{pump_id}.sqlite3", pump_id, limits)
+        store = Store(state_dir / f"{o.pump_id}.sqlite3", o.pump_id, limits)
     except StoreError as exc:
-        raise UsageError(str(exc)) from None
+        raise cli.UsageError(str(exc)) from None
     with store:
-        agent = Agent(
-            driver, store, broker, clock=SimClock(start, args.speed), inflight=args.inflight
-        )
+        agent = Agent(driver, store, broker, clock=SimClock(start, o.speed), inflight=o.inflight)
 
         def stop(signum: int, frame: FrameType | None) -> None:
             agent.request_stop()
@@ -109,13 +142,13 @@ def run_agent(
         log.info(
             "agent starting",
             extra={
-                "pump_id": pump_id,
+                "pump_id": o.pump_id,
                 "broker": broker.url,
                 "state": store.path,
                 "backlog": len(store),
                 "next_seq": store.next_seq,
-                "interval_s": args.interval_s,
-                "speed": args.speed,
+                "interval_s": o.interval_s,
+                "speed": o.speed,
                 "start": start.isoformat(),
             },
         )
@@ -124,17 +157,6 @@ def run_agent(
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
-    return 0
-
-
-def _utc_time(text: str) -> datetime:
-    try:
-        value = datetime.fromisoformat(text.replace("Z", "+00:00"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an ISO 8601 time") from None
-    if value.tzinfo is None:
-        raise argparse.ArgumentTypeError(f"{text!r} needs a UTC offset, e.g. 2026-01-01T00:00Z")
-    return value.astimezone(UTC)
 
 
 def _load_factory(spec: str) -> DriverFactory:
@@ -142,7 +164,7 @@ def _load_factory(spec: str) -> DriverFactory:
     try:
         factory = getattr(importlib.import_module(module_name), attr or "make_driver")
     except (ImportError, AttributeError) as exc:
-        raise UsageError(f"--driver {spec!r}: {exc}") from None
+        raise cli.UsageError(f"--driver {spec!r}: {exc}") from None
     if not callable(factory):
-        raise UsageError(f"--driver {spec!r} is not callable")
+        raise cli.UsageError(f"--driver {spec!r} is not callable")
     return factory

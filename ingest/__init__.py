@@ -1,6 +1,25 @@
-"""ingest: takes every pump message from the broker into the database, nothing lost or doubled."""
+"""ingest: takes every pump message from the broker into the database, nothing lost or doubled.
 
-from ingest.service import Ingester, OnCommit
+The door for the other parts and the tests: the ingester (`Ingester`, its per-pump rate limit
+`TokenBuckets`), storage (`prepare`, `write_batch`) and the rule engine (`RuleEngine` with its
+`PumpProfile` and `Thresholds`; the simulator runs it on simulated pumps). The alert lifecycle
+has its own door, `ingest.alerts`; the rule vocabulary (rule names, priorities, `Finding`) is
+the core's, `pumpfleet.findings`.
+"""
+
+from ingest.rules import PumpProfile, RuleEngine, Thresholds
+from ingest.service import Ingester, OnCommit, TokenBuckets
 from ingest.store import DeadLetter, WriteResult, prepare, write_batch
 
-__all__ = ["DeadLetter", "Ingester", "OnCommit", "WriteResult", "prepare", "write_batch"]
+__all__ = [
+    "DeadLetter",
+    "Ingester",
+    "OnCommit",
+    "PumpProfile",
+    "RuleEngine",
+    "Thresholds",
+    "TokenBuckets",
+    "WriteResult",
+    "prepare",
+    "write_batch",
+]

@@ -1,76 +1,34 @@
-"""What the alert rules tell the alert lifecycle: a condition on one pump is present or gone.
+"""The seam between the rules (ingest/rules/) and the alert lifecycle (ingest/alerts/): the rules
+turn messages and per-pump state into Findings, the lifecycle turns Findings into alerts with
+one persistent id per (pump, rule), phases, acknowledgement, history and notifications.
 
-Rules (ingest/rules/) are pure functions that turn messages and per-pump state into Findings; the
-lifecycle (ingest/alerts/) turns Findings into alerts with one persistent id per (pump, rule),
-phases, acknowledgement, history and notifications. This module is the seam between them.
+The vocabulary itself (rule names, priorities, `Finding`) is the core's, `pumpfleet.findings`,
+because the simulator and the docs speak it too; this module passes it on to the ingester's
+own modules.
 """
 
-from __future__ import annotations
+from pumpfleet.findings import (
+    ALERT_RULES,
+    NOTICES,
+    PRIORITY_RANK,
+    RULES,
+    SERVICE_RULE_PRIORITY,
+    SERVICE_RULES,
+    Finding,
+    Priority,
+    Rule,
+    ServiceRule,
+)
 
-from collections.abc import Mapping
-from dataclasses import dataclass, field
-from datetime import datetime
-from typing import Any, Literal, get_args
-
-Priority = Literal["high", "medium", "low", "info"]
-PRIORITY_RANK: dict[str, int] = {"info": 0, "low": 1, "medium": 2, "high": 3}
-"""IEC 60601-1-8 levels, higher is more urgent."""
-
-Rule = Literal[
-    "critical_pump_alarm",
-    "noncritical_pump_alarm",
-    "over_infusion",
-    "under_infusion",
-    "pocket_fill",
-    "refill_discrepancy",
-    "post_mri",
-    "low_reservoir",
-    "refill_due",
-    "battery",
-    "large_dose_change",
-    "telemetry_silence",
-    "sequence_gap",
-    "flow_not_observable",
-    "clinic_data_missing",
+__all__ = [
+    "ALERT_RULES",
+    "NOTICES",
+    "PRIORITY_RANK",
+    "RULES",
+    "SERVICE_RULES",
+    "SERVICE_RULE_PRIORITY",
+    "Finding",
+    "Priority",
+    "Rule",
+    "ServiceRule",
 ]
-"""The rule catalogue of domain.md, and the two standing notices that say what the rules cannot
-see; the simulator's scenario files name alerts by these."""
-NOTICES: tuple[str, ...] = ("flow_not_observable", "clinic_data_missing")
-"""Standing notices (info priority): not a fault, a statement of what is not watched."""
-RULES: tuple[str, ...] = get_args(Rule)
-
-ServiceRule = Literal["unprovisioned_device"]
-"""Alerts the alerting service raises itself, not the rule engine: the engine judges stored
-messages, and what these alerts are about is never stored as a pump's data.
-
-- `unprovisioned_device` (medium): a pump that is not provisioned, or revoked, is publishing;
-  its messages are quarantined (dead letters, raw bytes kept) and the ingesters note it in
-  `quarantine_seen`. One alert per pump, raised by the alerting service's watchdog while the
-  pump was seen within the last hour, ended once the pump is provisioned (docs/security.md).
-"""
-SERVICE_RULES: tuple[str, ...] = get_args(ServiceRule)
-SERVICE_RULE_PRIORITY: dict[str, Priority] = {"unprovisioned_device": "medium"}
-ALERT_RULES: tuple[str, ...] = RULES + SERVICE_RULES
-"""Every `alerts.rule` the pipeline can write."""
-
-
-@dataclass(frozen=True, slots=True)
-class Finding:
-    """A rule's verdict about one pump at one moment.
-
-    active=True: the condition holds (the lifecycle starts an alert, or continues it, escalating
-    or de-escalating when the priority differs from the open alert's). active=False: the
-    condition has ended (the lifecycle ends the open alert, if any).
-    """
-
-    pump_id: str
-    rule: str
-    active: bool
-    priority: Priority
-    at: datetime
-    """Device time of the message that decided it, or the watchdog's clock for silence."""
-    summary: str
-    details: Mapping[str, Any] = field(default_factory=dict)
-    """The figures that fired it, e.g. {"reservoir_ml": 1.8, "alarm_ml": 2.0}."""
-    seq: int | None = None
-    """seq of the deciding message (None for the watchdog)."""

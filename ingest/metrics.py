@@ -1,5 +1,8 @@
 """The ingester's figures: plain counters on the hot path, turned into Prometheus metrics only
-when scraped, and a tiny HTTP endpoint for /metrics and /healthz."""
+when scraped, and a tiny HTTP endpoint for /metrics and /healthz.
+
+This module knows nothing of the ingester itself: it is handed the counters and two callables
+(what is pending, whether it is healthy), so `ingest.service` imports it and not the reverse."""
 
 from __future__ import annotations
 
@@ -19,8 +22,11 @@ from prometheus_client.core import (
 )
 
 if TYPE_CHECKING:
-    from ingest.service import Ingester, _Item
     from ingest.store import WriteResult
+    from pumpfleet.settings import IngestSettings
+
+Health = Callable[[], tuple[bool, dict[str, object]]]
+"""(healthy, detail) for /healthz and the `up` gauge."""
 
 log = logging.getLogger("pumpfleet.ingest")
 
@@ -81,10 +87,17 @@ class Stats:
         self.commit_s.observe(seconds)
 
     def observe_batch(
-        self, batch: list[_Item], result: WriteResult, stale: int, now: float
+        self,
+        size: int,
+        oldest_received: float,
+        result: WriteResult,
+        stale: int,
+        now: float,
+        rate_limited: int = 0,
     ) -> None:
+        """A committed batch of `size` messages, the first received at `oldest_received`."""
         self.batches += 1
-        self.received += len(batch)
+        self.received += size
         self.written += len(result.new)
         self.dead_lettered += result.dead_letters
         self.duplicates += result.duplicates
@@ -92,10 +105,9 @@ class Stats:
         self.stale_acks_skipped += stale
         self.registered_pumps += len(result.registered)
         self.quarantined += result.quarantined
-        if result.dead_letters or result.duplicates:  # only those can hold throttled ones
-            self.rate_limited += sum(1 for item in batch if item.limited)
-        self.batch_size.observe(len(batch))
-        self.last_lag_s = now - batch[0].received
+        self.rate_limited += rate_limited
+        self.batch_size.observe(size)
+        self.last_lag_s = now - oldest_received
         self.receive_to_commit_s.observe(self.last_lag_s)
         self.last_commit_at = now
 
@@ -114,11 +126,13 @@ class Stats:
 
 
 class _Collector:
-    def __init__(self, ingester: Ingester) -> None:
-        self.ingester = ingester
+    def __init__(self, stats: Stats, pending: Callable[[], int], health: Health) -> None:
+        self.stats = stats
+        self.pending = pending
+        self.health = health
 
     def collect(self) -> Iterator[Metric]:
-        s = self.ingester.stats
+        s = self.stats
         for name, value, doc in (
             ("messages_received", s.received, "Messages taken from the broker and committed"),
             ("messages_written", s.written, "Messages stored for the first time"),
@@ -159,14 +173,14 @@ class _Collector:
         yield GaugeMetricFamily(
             "pumpfleet_ingest_pending",
             "Messages held, not yet committed",
-            value=self.ingester.pending(),
+            value=self.pending(),
         )
         yield GaugeMetricFamily(
             "pumpfleet_ingest_lag_seconds",
             "Receive-to-commit time of the last batch's oldest message",
             value=s.last_lag_s,
         )
-        ok, _ = self.ingester.healthy()
+        ok, _ = self.health()
         yield GaugeMetricFamily(
             "pumpfleet_ingest_up",
             "1 when broker and database are reachable",
@@ -174,24 +188,22 @@ class _Collector:
         )
 
 
-async def serve(ingester: Ingester) -> asyncio.Server | None:
+async def serve(
+    cfg: IngestSettings, stats: Stats, pending: Callable[[], int], health: Health
+) -> asyncio.Server | None:
     """Serve /metrics and /healthz on the configured port (0 picks a free one; None disables)."""
-    cfg = ingester.settings.ingest
     if cfg.metrics_port is None:
         return None
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(_Collector(ingester))
-    server = await http_endpoint(cfg.metrics_host, cfg.metrics_port, registry, ingester.healthy)
-    if server is not None:
-        ingester.metrics_port = server.sockets[0].getsockname()[1]
-    return server
+    registry.register(_Collector(stats, pending, health))
+    return await http_endpoint(cfg.metrics_host, cfg.metrics_port, registry, health)
 
 
 async def http_endpoint(
     host: str,
     port: int,
     registry: CollectorRegistry,
-    health: Callable[[], tuple[bool, dict[str, object]]],
+    health: Health,
 ) -> asyncio.Server | None:
     """/metrics (Prometheus text) and /healthz (200 or 503, JSON) for any of our services."""
 

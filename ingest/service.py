@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
 import threading
 import time
 from collections import deque
@@ -32,6 +31,7 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_exponential_jitter
 
 from ingest import metrics
 from ingest.mqtt import Client as BufferedClient
@@ -170,6 +170,18 @@ class Ingester:
         )
         self._db: asyncpg.Connection | None = None
         self._db_ok = False
+        self._reconnecting = AsyncRetrying(
+            retry=retry_if_exception_type((TimeoutError, OSError, asyncpg.PostgresError)),
+            wait=wait_exponential_jitter(multiplier=0.5, max=10.0, jitter=0.5),
+            before_sleep=self._connect_failed,
+        )
+        """Connecting: until the database is there, never giving up (no outage ends us)."""
+        self._rewriting = AsyncRetrying(
+            retry=retry_if_exception_type(_TRANSIENT),
+            wait=wait_exponential_jitter(multiplier=0.2, max=5.0, jitter=0.2),
+            before_sleep=self._write_failed,
+        )
+        """Writing a batch: a transient error drops the connection and the batch is tried again."""
         self._client = self._make_client()
         self.stats = stats if stats is not None else metrics.Stats()
         self.metrics_port: int | None = None
@@ -305,98 +317,114 @@ class Ingester:
     # Database side (asyncio) ----------------------------------------------------------------
 
     async def _connect_db(self) -> asyncpg.Connection:
-        delay = 0.5
-        while True:
-            try:
-                conn = await asyncpg.connect(
-                    self.settings.database_url.get_secret_value(),
-                    timeout=10,
-                    command_timeout=60,
-                )
-                await prepare(conn)
-                rows = await conn.fetch(_KNOWN_SQL)
-                self._known_pumps = {r[0] for r in rows}
-                self._revoked_read_at = time.monotonic()
-                if self.cfg.unknown_pumps == "register":
-                    self._can_register = await conn.fetchval(_CAN_REGISTER_SQL)
-                    if not self._can_register:
-                        log.error(
-                            "unknown_pumps=register needs INSERT on pumps, which this database "
-                            "role lacks; quarantining unknown pumps instead"
-                        )
-                if not self._db_ok:
-                    log.info("database connected", extra={"known_pumps": len(self._known_pumps)})
-                self._db_ok = True
-                return conn
-            except (TimeoutError, OSError, asyncpg.PostgresError) as exc:
-                if self._db_ok or delay == 0.5:
-                    log.warning(
-                        "database unavailable; retrying",
-                        extra={"error": _one_line(exc), "retry_s": round(delay, 1)},
+        """A prepared connection, waiting out a database that is down or refuses us."""
+        conn: asyncpg.Connection = await self._reconnecting(self._open_db)
+        if not self._db_ok:
+            log.info("database connected", extra={"known_pumps": len(self._known_pumps)})
+        self._db_ok = True
+        return conn
+
+    async def _open_db(self) -> asyncpg.Connection:
+        conn = await asyncpg.connect(
+            self.settings.database_url.get_secret_value(), timeout=10, command_timeout=60
+        )
+        try:
+            await prepare(conn)
+            rows = await conn.fetch(_KNOWN_SQL)
+            self._known_pumps = {r[0] for r in rows}
+            self._revoked_read_at = time.monotonic()
+            if self.cfg.unknown_pumps == "register":
+                self._can_register = await conn.fetchval(_CAN_REGISTER_SQL)
+                if not self._can_register:
+                    log.error(
+                        "unknown_pumps=register needs INSERT on pumps, which this database "
+                        "role lacks; quarantining unknown pumps instead"
                     )
-                self._db_ok = False
-                self.stats.db_errors += 1
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 10.0) * random.uniform(0.9, 1.1)
+        except BaseException:
+            conn.terminate()
+            raise
+        return conn
+
+    def _connect_failed(self, attempt: RetryCallState) -> None:
+        """Logged when the database is lost (or absent at the start), not at every retry."""
+        if self._db_ok or attempt.attempt_number == 1:
+            log.warning(
+                "database unavailable; retrying",
+                extra={"error": _failure(attempt), "retry_s": _next_sleep_s(attempt)},
+            )
+        self._db_ok = False
+        self.stats.db_errors += 1
 
     async def _write(self, batch: list[_Item]) -> WriteResult:
         """Commit the batch, retrying with backoff until the database takes it."""
         all_msgs = [i.msg for i in batch if i.msg is not None]
         all_dead = [i.dead for i in batch if i.dead is not None]
-        delay = 0.2
-        while True:
-            if self._db is None or self._db.is_closed():
-                self._db = await self._connect_db()
-            msgs, dead = all_msgs, all_dead
-            try:
-                register, held = await self._sort_out(self._db, {m.pump_id for m in msgs})
-                quarantined: dict[str, int] = {}
-                if held:
-                    msgs, dead, quarantined = _quarantine(batch, held)
-                started = time.perf_counter()
-                try:
-                    result = await write_batch(self._db, msgs, dead, register, quarantined)
-                except _TRANSIENT:
-                    raise
-                except asyncpg.PostgresError as exc:
-                    # Valid by the contract yet refused by the database (a schema out of step
-                    # with the contract, a new constraint): find the culprits instead of
-                    # retrying the batch forever.
-                    log.error(
-                        "database refused a batch; writing its messages one by one",
-                        extra={"error": _one_line(exc), "batch": len(batch)},
-                    )
-                    result = await self._write_one_by_one(
-                        self._db, batch, msgs, dead, register, quarantined
-                    )
-                self.stats.observe_commit(time.perf_counter() - started)
-                if register:
-                    self._known_pumps |= register
-                    log.info(
-                        "pumps registered from their first message",
-                        extra={"pumps": ",".join(sorted(register))},
-                    )
-                if quarantined:
-                    log.warning(
-                        "messages quarantined: pumps not provisioned or revoked",
-                        extra={
-                            "pumps": ",".join(sorted(quarantined)),
-                            "messages": result.quarantined,
-                        },
-                    )
-                return result
-            except _TRANSIENT as exc:
-                log.warning(
-                    "batch write failed; retrying",
-                    extra={"error": _one_line(exc), "batch": len(batch)},
-                )
-                self.stats.db_errors += 1
-                self._db_ok = False
-                if self._db is not None:
-                    self._db.terminate()
-                self._db = None
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
+        result: WriteResult = await self._rewriting(self._write_once, batch, all_msgs, all_dead)
+        return result
+
+    def _write_failed(self, attempt: RetryCallState) -> None:
+        """Every failed write is logged: each one holds a batch of the fleet's messages back."""
+        batch = attempt.args[0]
+        extra = {"error": _failure(attempt), "batch": len(batch)}
+        log.warning("batch write failed; retrying", extra=extra)
+        self.stats.db_errors += 1
+
+    async def _write_once(
+        self, batch: list[_Item], msgs: list[Message], dead: list[DeadLetter]
+    ) -> WriteResult:
+        """One try at committing the batch; a transient error drops the connection."""
+        if self._db is None or self._db.is_closed():
+            self._db = await self._connect_db()
+        conn = self._db
+        try:
+            return await self._commit(conn, batch, msgs, dead)
+        except _TRANSIENT:
+            self._db_ok = False
+            conn.terminate()
+            self._db = None
+            raise
+
+    async def _commit(
+        self,
+        conn: asyncpg.Connection,
+        batch: list[_Item],
+        msgs: list[Message],
+        dead: list[DeadLetter],
+    ) -> WriteResult:
+        register, held = await self._sort_out(conn, {m.pump_id for m in msgs})
+        quarantined: dict[str, int] = {}
+        if held:
+            msgs, dead, quarantined = _quarantine(batch, held)
+        started = time.perf_counter()
+        try:
+            result = await write_batch(conn, msgs, dead, register, quarantined)
+        except _TRANSIENT:
+            raise
+        except asyncpg.PostgresError as exc:
+            # Valid by the contract yet refused by the database (a schema out of step
+            # with the contract, a new constraint): find the culprits instead of
+            # retrying the batch forever.
+            log.error(
+                "database refused a batch; writing its messages one by one",
+                extra={"error": _one_line(exc), "batch": len(batch)},
+            )
+            result = await self._write_one_by_one(conn, batch, msgs, dead, register, quarantined)
+        self.stats.observe_commit(time.perf_counter() - started)
+        if register:
+            self._known_pumps |= register
+            log.info(
+                "pumps registered from their first message",
+                extra={"pumps": ",".join(sorted(register))},
+            )
+        if quarantined:
+            log.warning(
+                "messages quarantined: pumps not provisioned or revoked",
+                extra={
+                    "pumps": ",".join(sorted(quarantined)),
+                    "messages": result.quarantined,
+                },
+            )
+        return result
 
     async def _write_one_by_one(
         self,
@@ -475,7 +503,9 @@ class Ingester:
         result = await self._write(batch)
         stale = self._ack(batch)
         now = time.time()
-        self.stats.observe_batch(batch, result, stale, now)
+        # Only dead letters and duplicates can hold throttled messages: skip the count otherwise.
+        limited = sum(i.limited for i in batch) if result.dead_letters or result.duplicates else 0
+        self.stats.observe_batch(len(batch), batch[0].received, result, stale, now, limited)
         if self.on_commit is not None and result.new:
             try:
                 await self.on_commit(result.new)
@@ -504,7 +534,9 @@ class Ingester:
             properties=props,
         )
         self._client.loop_start()
-        server = await metrics.serve(self)
+        server = await metrics.serve(self.cfg, self.stats, self.pending, self.healthy)
+        if server is not None:
+            self.metrics_port = server.sockets[0].getsockname()[1]
         flush_s = self.cfg.flush_ms / 1000
         try:
             while not self._stopping.is_set():
@@ -598,6 +630,16 @@ def _quarantine(
             )
         )
     return msgs, dead, counts
+
+
+def _failure(attempt: RetryCallState) -> str:
+    """The failed attempt's error, in one line."""
+    exc = attempt.outcome.exception() if attempt.outcome is not None else None
+    return _one_line(exc) if exc is not None else "unknown error"
+
+
+def _next_sleep_s(attempt: RetryCallState) -> float:
+    return round(attempt.next_action.sleep, 1) if attempt.next_action is not None else 0.0
 
 
 def _one_line(exc: BaseException) -> str:

@@ -3,7 +3,7 @@
 `start(directory, webhook_url)` writes a config that routes every alert to one webhook receiver
 (so a test's small HTTP server sees what Alertmanager groups and sends), starts Alertmanager on
 a free loopback port with clustering off, and waits until `/-/ready` answers. `stop()` ends it;
-`running()` does both around a block.
+`running()` does both around a block. Processes go through `pumpfleet._process`, as the stack's.
 """
 
 from __future__ import annotations
@@ -11,9 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import signal
 import subprocess
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator, Sequence
@@ -23,17 +21,25 @@ from typing import Any
 
 import yaml
 
-from pumpfleet.stack import HOST, StackError, free_port
+from pumpfleet import _process
+from pumpfleet._process import ExitedEarly, StackError
+from pumpfleet.stack import HOST
 
 BINARY_NAMES = ("prometheus-alertmanager", "alertmanager")
 _HINT = (
     "prometheus-alertmanager not found: install it with `apt-get install prometheus-alertmanager`"
 )
 _SEARCH = ("/usr/bin", "/usr/local/bin", "/usr/sbin")
+_NAME = "alertmanager"
+"""In the binary's command line either way it is installed (for telling our pid from a reuse)."""
 
 
 class AlertmanagerError(StackError):
     """A problem the user can fix (binary missing, did not start); one line."""
+
+
+class _ExitedEarly(AlertmanagerError, ExitedEarly):
+    """Alertmanager exited while starting (a lost port race is tried again on a fresh port)."""
 
 
 @dataclass(frozen=True)
@@ -101,58 +107,39 @@ def start(
     (directory / "data").mkdir(parents=True, exist_ok=True)
     conf = directory / "alertmanager.yml"
     conf.write_text(config(webhook_url, **route))
-    last_error = ""
-    for _attempt in range(3):  # another process may take the free port before we bind it
-        port = free_port()
+    log = directory / "alertmanager.log"
+
+    def start_on(port: int) -> Alertmanager:
         url = f"http://{HOST}:{port}"
-        with open(directory / "alertmanager.log", "ab") as log:
-            proc = subprocess.Popen(
-                [
-                    str(binary),
-                    f"--config.file={conf}",
-                    f"--storage.path={directory / 'data'}",
-                    f"--web.listen-address={HOST}:{port}",
-                    "--cluster.listen-address=",
-                    f"--web.external-url={url}",
-                    "--log.level=warn",
-                ],
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                cwd=directory,
-                start_new_session=True,
-            )
-        am = Alertmanager(url=url, port=port, directory=directory, pid=proc.pid, _proc=proc)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                last_error = f"exited with status {proc.returncode}"
-                break
-            if _ready(url):
-                return am
-            time.sleep(0.05)
-        else:
-            stop(am)
-            raise AlertmanagerError(
-                f"alertmanager did not become ready within {timeout:.0f}s; read {am.log}"
-            )
-    raise AlertmanagerError(
-        f"alertmanager {last_error} while starting; read {directory}/alertmanager.log"
-    )
+        argv = [
+            str(binary),
+            f"--config.file={conf}",
+            f"--storage.path={directory / 'data'}",
+            f"--web.listen-address={HOST}:{port}",
+            "--cluster.listen-address=",
+            f"--web.external-url={url}",
+            "--log.level=warn",
+        ]
+        proc = _process.spawn(argv, log, directory)
+        try:
+            _process.wait_ready(proc, lambda: _ready(url), _NAME, log, timeout)
+        except _process.ExitedEarly as exc:
+            raise _ExitedEarly(str(exc)) from None
+        except BaseException as exc:
+            _process.stop(proc.pid, _NAME, 10.0)
+            if isinstance(exc, StackError):
+                raise AlertmanagerError(str(exc)) from None
+            raise
+        return Alertmanager(url=url, port=port, directory=directory, pid=proc.pid, _proc=proc)
+
+    # Another process may take the free port before Alertmanager binds it: then a fresh one.
+    _, am = _process.start_on_free_port(start_on, HOST)
+    return am
 
 
 def stop(am: Alertmanager, timeout: float = 10.0) -> None:
     """SIGTERM, then SIGKILL if it has not gone by the deadline."""
-    proc = am._proc
-    if proc.poll() is not None:
-        return
-    with contextlib.suppress(ProcessLookupError):
-        proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(timeout)
+    _process.stop(am.pid, _NAME, timeout)
 
 
 @contextlib.contextmanager

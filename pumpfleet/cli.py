@@ -1,76 +1,104 @@
-"""The `pumpfleet` command. Each part adds its subcommands here; errors a user can cause end in
-one line that says what went wrong and how to fix it."""
+"""The `pumpfleet` command: the core's commands (db, stack, contract, soak) and each part's,
+found through the `pumpfleet.commands` entry points so that the core imports no part. Errors a
+user can cause end in one line that says what went wrong and how to fix it, exit status 2."""
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
+from dataclasses import dataclass
+from importlib.metadata import entry_points
 from pathlib import Path
-from typing import Any
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from typer.core import TyperGroup
 
 from pumpfleet import contract, schema
 from pumpfleet.settings import Settings, load_settings
 
+COMMANDS = "pumpfleet.commands"
+"""The entry point group: each entry is a part's `typer.Typer`, merged into `pumpfleet`."""
 
-class UsageError(Exception):
+
+class UsageError(typer.TyperException):
     """A problem the user can fix; printed as one line, exit status 2."""
 
+    exit_code = 2
 
-Handler = Callable[[argparse.Namespace, Settings], int | None]
+
+@dataclass
+class _Run:
+    log_level: str | None = None
+    settings: Settings | None = None
 
 
-def _cmd(sub: Any, name: str, handler: Handler, help: str) -> argparse.ArgumentParser:
-    parser: argparse.ArgumentParser = sub.add_parser(name, help=help, description=help)
-    parser.set_defaults(handler=handler)
-    return parser
+def settings(ctx: typer.Context) -> Settings:
+    """This run's settings, with logging set up from them. Loaded when a command first asks, so
+    `--help` and a bad option are answered even with a broken pumpfleet.toml."""
+    from pumpfleet import logs
 
+    run = ctx.ensure_object(_Run)
+    if run.settings is None:
+        run.settings = load_settings()
+        logs.setup(run.log_level or run.settings.log_level)
+    return run.settings
+
+
+def console(*, stderr: bool = False) -> Console:
+    """Rich output: styled and fitted to a terminal; plain and never wrapped elsewhere (a pipe,
+    CI, a test), so that each table row stays one parseable line. Text is printed as given: a
+    pump's note with [brackets] or :colons: is not markup."""
+    stream = sys.stderr if stderr else sys.stdout
+    width = None if stream.isatty() else 10_000
+    return Console(stderr=stderr, width=width, markup=False, emoji=False, highlight=False)
+
+
+app = typer.Typer(add_completion=False)
+"""The core's own commands; `command()` adds the parts'."""
+
+RunDir = Annotated[Path | None, typer.Option(help="default .pumpfleet/")]
 
 # db ---------------------------------------------------------------------------------------------
 
+db = typer.Typer(name="db", help="database schema", no_args_is_help=True)
+app.add_typer(db)
 
-def _db_migrate(args: argparse.Namespace, settings: Settings) -> None:
-    dsn = settings.database_url.get_secret_value()
-    applied = asyncio.run(schema.migrate(dsn, flavour=args.flavour))
+
+@db.command("migrate", help="apply pending schema migrations (idempotent)")
+def _db_migrate(
+    ctx: typer.Context,
+    flavour: Annotated[
+        schema.Flavour | None,
+        typer.Option(help="force a flavour (default: timescaledb if the server offers it)"),
+    ] = None,
+) -> None:
+    dsn = settings(ctx).database_url.get_secret_value()
+    applied = asyncio.run(schema.migrate(dsn, flavour=flavour))
     for mig in applied:
         print(f"applied {mig.version:04d}_{mig.name}")
     versions = asyncio.run(schema.applied_versions(dsn))
-    flavour = versions[-1][2] if versions else "none"
+    flavour_now = versions[-1][2] if versions else "none"
     print(
-        f"schema at version {versions[-1][0] if versions else 0} ({flavour}); "
+        f"schema at version {versions[-1][0] if versions else 0} ({flavour_now}); "
         f"{len(applied)} applied now"
     )
 
 
 # stack ------------------------------------------------------------------------------------------
 
+stack_app = typer.Typer(name="stack", help="local mosquitto + PostgreSQL", no_args_is_help=True)
+app.add_typer(stack_app)
 
-def _stack_up(args: argparse.Namespace, settings: Settings) -> None:
+
+@stack_app.command("up", help="start mosquitto and PostgreSQL in the run directory")
+def _stack_up(ctx: typer.Context, run_dir: RunDir = None) -> None:
     from pumpfleet import stack
 
-    info = stack.up(args.run_dir or settings.run_dir)
-    _print_stack(info)
-
-
-def _stack_down(args: argparse.Namespace, settings: Settings) -> None:
-    from pumpfleet import stack
-
-    stack.down(args.run_dir or settings.run_dir, purge=args.purge)
-    print("stack stopped" + (" and its data removed" if args.purge else ""))
-
-
-def _stack_status(args: argparse.Namespace, settings: Settings) -> int:
-    from pumpfleet import stack
-
-    st = stack.status(args.run_dir or settings.run_dir)
-    for line in st.lines():
-        print(line)
-    return 0 if st.running else 1
-
-
-def _print_stack(info: Any) -> None:
+    info = stack.up(run_dir or settings(ctx).run_dir)
     print(f"mosquitto   {info.mqtt_url}")
     print(f"postgresql  {info.database_url}")
     print(f"run dir     {info.run_dir}")
@@ -79,131 +107,146 @@ def _print_stack(info: Any) -> None:
         print(f"  export {key}={value}")
 
 
+@stack_app.command("down", help="stop them")
+def _stack_down(
+    ctx: typer.Context,
+    run_dir: RunDir = None,
+    purge: Annotated[bool, typer.Option("--purge", help="also delete their data")] = False,
+) -> None:
+    from pumpfleet import stack
+
+    stack.down(run_dir or settings(ctx).run_dir, purge=purge)
+    print("stack stopped" + (" and its data removed" if purge else ""))
+
+
+@stack_app.command("status", help="show whether they run, and where")
+def _stack_status(ctx: typer.Context, run_dir: RunDir = None) -> None:
+    from pumpfleet import stack
+
+    st = stack.status(run_dir or settings(ctx).run_dir)
+    for line in st.lines():
+        print(line)
+    if not st.running:
+        raise typer.Exit(1)
+
+
 # contract ---------------------------------------------------------------------------------------
 
+contract_app = typer.Typer(name="contract", help="the wire contract", no_args_is_help=True)
+app.add_typer(contract_app)
 
-def _contract_schema(args: argparse.Namespace, settings: Settings) -> None:
-    for path in contract.write_json_schemas(args.out):
+
+@contract_app.command("schema", help="write the JSON Schema of every message")
+def _contract_schema(out: Annotated[Path, typer.Option()] = Path("docs/contract")) -> None:
+    for path in contract.write_json_schemas(out):
         print(f"wrote {path}")
 
 
-def _contract_validate(args: argparse.Namespace, settings: Settings) -> int:
-    data = sys.stdin.buffer.read() if str(args.file) == "-" else args.file.read_bytes()
+@contract_app.command("validate", help="validate one payload as the ingester would")
+def _contract_validate(
+    topic: Annotated[str, typer.Argument(help="e.g. pumps/P-0001/telemetry")],
+    file: Annotated[Path, typer.Argument(help="payload file, or - for standard input")],
+) -> None:
+    data = sys.stdin.buffer.read() if str(file) == "-" else file.read_bytes()
     try:
-        msg = contract.decode(args.topic, data)
+        msg = contract.decode(topic, data)
     except contract.ContractError as exc:
         print(f"rejected: {exc}")
-        return 1
+        raise typer.Exit(1) from None
     print(f"valid {type(msg).__name__}: pump_id={msg.pump_id} seq={msg.seq}")
-    return 0
 
 
 # soak -------------------------------------------------------------------------------------------
 
 
-def _soak(args: argparse.Namespace, settings: Settings) -> int:
+@app.command("soak", help="the pipeline under load while seeded random faults hit it")
+def _soak(
+    minutes: Annotated[float, typer.Option(help="length of the load")] = 10.0,
+    seed: Annotated[
+        int | None, typer.Option(help="replay a run (default: random, printed)")
+    ] = None,
+    rate: Annotated[float, typer.Option(help="telemetry messages per second")] = 300.0,
+    pumps: Annotated[int, typer.Option(help="simulated pumps")] = 150,
+    short: Annotated[
+        bool, typer.Option("--short", help="faults of at most 6 s (the test profile)")
+    ] = False,
+    run_dir: Annotated[
+        Path | None, typer.Option(help="keep logs here (default: temporary)")
+    ] = None,
+) -> None:
     from pumpfleet import soak
 
-    if args.minutes <= 0:
-        raise UsageError(f"--minutes {args.minutes}: give a positive number of minutes")
+    if minutes <= 0:
+        raise UsageError(f"--minutes {minutes}: give a positive number of minutes")
     cfg = soak.SoakConfig(
-        seconds=args.minutes * 60,
-        seed=args.seed,
-        rate=args.rate,
-        pumps=args.pumps,
-        short=args.short,
-        run_dir=args.run_dir,
+        seconds=minutes * 60,
+        seed=seed,
+        rate=rate,
+        pumps=pumps,
+        short=short,
+        run_dir=run_dir,
         progress=lambda line: print(line, flush=True),
     )
     report = soak.run(cfg)
     print(report.table())
-    return 0 if report.passed else 1
+    if not report.passed:
+        raise typer.Exit(1)
 
 
 # entry point ------------------------------------------------------------------------------------
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pumpfleet", description=__doc__)
-    parser.add_argument("--log-level", default=None, help="DEBUG, INFO, WARNING (default INFO)")
-    top = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+def _root(
+    ctx: typer.Context,
+    log_level: Annotated[
+        str | None, typer.Option(help="DEBUG, INFO, WARNING (default INFO)")
+    ] = None,
+) -> None:
+    ctx.obj = _Run(log_level)
 
-    db = top.add_parser("db", help="database schema").add_subparsers(
-        required=True, metavar="ACTION"
+
+def command() -> TyperGroup:
+    """The whole `pumpfleet` command: the core's commands and every part's."""
+    root = typer.Typer(
+        name="pumpfleet",
+        help="Telemetry of implanted pump fleets: MQTT to TimescaleDB with alerting. Each "
+        "command's --help says more.",
+        callback=_root,
+        no_args_is_help=True,
+        add_completion=False,
+        context_settings={"help_option_names": ["-h", "--help"]},
     )
-    p = _cmd(db, "migrate", _db_migrate, "apply pending schema migrations (idempotent)")
-    p.add_argument(
-        "--flavour",
-        choices=schema.FLAVOURS,
-        default=None,
-        help="force a flavour (default: timescaledb if the server offers it)",
-    )
-
-    st = top.add_parser("stack", help="local mosquitto + PostgreSQL").add_subparsers(
-        required=True, metavar="ACTION"
-    )
-    for name, handler, text in (
-        ("up", _stack_up, "start mosquitto and PostgreSQL in the run directory"),
-        ("down", _stack_down, "stop them"),
-        ("status", _stack_status, "show whether they run, and where"),
-    ):
-        p = _cmd(st, name, handler, text)
-        p.add_argument("--run-dir", type=Path, default=None, help="default .pumpfleet/")
-        if name == "down":
-            p.add_argument("--purge", action="store_true", help="also delete their data")
-
-    ct = top.add_parser("contract", help="the wire contract").add_subparsers(
-        required=True, metavar="ACTION"
-    )
-    p = _cmd(ct, "schema", _contract_schema, "write the JSON Schema of every message")
-    p.add_argument("--out", type=Path, default=Path("docs/contract"))
-    p = _cmd(ct, "validate", _contract_validate, "validate one payload as the ingester would")
-    p.add_argument("topic", help="e.g. pumps/P-0001/telemetry")
-    p.add_argument("file", type=Path, help="payload file, or - for standard input")
-
-    p = _cmd(top, "soak", _soak, "the pipeline under load while seeded random faults hit it")
-    p.add_argument("--minutes", type=float, default=10.0, help="length of the load (default 10)")
-    p.add_argument("--seed", type=int, default=None, help="replay a run (default: random, printed)")
-    p.add_argument("--rate", type=float, default=300.0, help="telemetry messages per second")
-    p.add_argument("--pumps", type=int, default=150, help="simulated pumps")
-    p.add_argument("--short", action="store_true", help="faults of at most 6 s (the test profile)")
-    p.add_argument("--run-dir", type=Path, default=None, help="keep logs here (default: temporary)")
-
-    for register in _part_commands():
-        register(top)
-    return parser
-
-
-def _part_commands() -> list[Callable[[Any], None]]:
-    """Subcommands the other parts contribute (ingest, agent, sim, alerts)."""
-    found = []
-    for module in ("ingest.cli", "device_agent.cli", "sim_fleet.cli", "dashboards.cli"):
-        try:
-            mod = __import__(module, fromlist=["register"])
-        except ModuleNotFoundError as exc:
-            if exc.name != module:
-                raise
-            continue
-        found.append(mod.register)
-    return found
+    root.add_typer(app)
+    for entry in sorted(entry_points(group=COMMANDS), key=lambda e: e.name):
+        part = entry.load()
+        if not isinstance(part, typer.Typer):
+            raise TypeError(f"entry point {entry.value} ({COMMANDS}) is not a typer.Typer")
+        root.add_typer(part)
+    group = typer.main.get_command(root)
+    assert isinstance(group, TyperGroup)  # a Typer with a callback and commands is a group
+    return group
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from pumpfleet import logs
-
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    """Exit status 0; 1 when a check or run failed; 2 for a user error; 130 when interrupted
+    (typer turns Ctrl-C into that)."""
     try:
-        settings = load_settings()
-        logs.setup(args.log_level or settings.log_level)
-        return int(args.handler(args, settings) or 0)
-    except KeyboardInterrupt:
-        return 130
-    except Exception as exc:  # one line for what a user can fix, a traceback for bugs
-        message = user_error(exc)
-        if message is None:
-            raise
+        code = command().main(args=argv, prog_name="pumpfleet", standalone_mode=False)
+        return int(code or 0)
+    except typer.TyperException as exc:  # a bad option, or a UsageError from a command
+        if type(exc).__name__ == "NoArgsIsHelpError":  # printed the help; typer checks so too
+            return exc.exit_code
+        message = " ".join(exc.format_message().split())
+        ctx = getattr(exc, "ctx", None)
+        if ctx is not None:
+            message += f" (see `{ctx.command_path} --help`)"
         print(f"pumpfleet: {message}", file=sys.stderr)
+        return exc.exit_code
+    except Exception as exc:  # one line for what a user can fix, a traceback for bugs
+        text = user_error(exc)
+        if text is None:
+            raise
+        print(f"pumpfleet: {text}", file=sys.stderr)
         return 2
 
 
@@ -214,7 +257,7 @@ def user_error(exc: BaseException) -> str | None:
     from pumpfleet import stack
     from pumpfleet.broker import BrokerConfigError
 
-    if isinstance(exc, UsageError | stack.StackError | schema.MigrationError | BrokerConfigError):
+    if isinstance(exc, stack.StackError | schema.MigrationError | BrokerConfigError):
         return str(exc)
     if isinstance(exc, ValidationError):
         return "bad configuration: " + contract.describe(exc)
@@ -254,4 +297,8 @@ def user_error(exc: BaseException) -> str | None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # `python -m pumpfleet.cli` runs this file as __main__: run the module the parts import
+    # instead, so that there is one UsageError and one settings() and not two copies.
+    from pumpfleet.cli import main as _main
+
+    sys.exit(_main())

@@ -1,8 +1,10 @@
 """A local mosquitto + PostgreSQL stack run from the installed binaries, without Docker.
 
 Used by `pumpfleet stack up|down|status`, the test fixtures, benchmarks and the demo. Both servers
-run detached (their own session) so the stack outlives the command that started it; `stack.json`
-in the run directory records where they are, and `pumpfleet.settings` reads it to find them.
+run detached (their own session, started and stopped through `pumpfleet._process`) so the stack
+outlives the command that started it; `stack.json` in the run directory records where they are,
+and `pumpfleet.settings` reads it to find them. Mosquitto's configuration is deploy/mosquitto.conf,
+the file docker-compose mounts, with this stack's port and paths put in.
 
 PostgreSQL refuses to run as root. As root we run it as the `postgres` user; when that user cannot
 reach the run directory (e.g. under pytest's 0700 `/tmp/pytest-of-root`), its data directory lives
@@ -21,15 +23,16 @@ import pwd
 import re
 import shutil
 import signal
-import socket
 import stat
 import subprocess
 import tempfile
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from pumpfleet import _process
+from pumpfleet._process import StackError
 
 __all__ = [
     "ServiceStatus",
@@ -84,13 +87,8 @@ _POSTGRES_HINT = (
 
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
 
-# Servers started by this process: polled so they are reaped, not left as zombies that still
-# answer os.kill(pid, 0).
-_CHILDREN: dict[int, subprocess.Popen[bytes]] = {}
-
-
-class StackError(Exception):
-    """A problem the user can fix; the message is one line that says how."""
+_MOSQUITTO_TEMPLATE = Path(__file__).resolve().parent.parent / "deploy" / "mosquitto.conf"
+"""The broker's one configuration: docker-compose mounts it, the local stack renders it."""
 
 
 @dataclass(frozen=True)
@@ -175,10 +173,7 @@ class StackStatus:
 
 def free_port(host: str = HOST) -> int:
     """A port nobody listens on right now; another process may still take it before we do."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        port: int = sock.getsockname()[1]
-        return port
+    return _process.free_port(host)
 
 
 def up(run_dir: Path = DEFAULT_RUN_DIR, *, timeout: float = START_TIMEOUT_S) -> StackInfo:
@@ -194,17 +189,18 @@ def up(run_dir: Path = DEFAULT_RUN_DIR, *, timeout: float = START_TIMEOUT_S) -> 
     run_dir.mkdir(parents=True, exist_ok=True)
     with _locked(run_dir):
         state = _read_state(run_dir) or {}
-        mqtt_alive = _alive(state.get("mqtt_pid"), "mosquitto")
-        pg_alive = _alive(state.get("pg_pid"), "postgres")
+        mqtt_alive = _process.alive(state.get("mqtt_pid"), "mosquitto")
+        pg_alive = _process.alive(state.get("pg_pid"), "postgres")
         if state and mqtt_alive and pg_alive:
             return _info(state)
         data_dir = _pg_data_dir(run_dir, account, state.get("pg_data_dir"))
         started: list[Callable[[], None]] = []
         try:
             if not pg_alive:
-                port, pid = _start_with_port_retry(
-                    state.get("pg_port"),
+                port, pid = _process.start_on_free_port(
                     lambda p: _start_postgres(pg_bin, data_dir, run_dir, p, account, timeout),
+                    HOST,
+                    preferred=state.get("pg_port"),
                 )
                 state.update(pg_port=port, pg_pid=pid)
                 started.append(
@@ -213,13 +209,14 @@ def up(run_dir: Path = DEFAULT_RUN_DIR, *, timeout: float = START_TIMEOUT_S) -> 
                 _ensure_database(pg_bin, port, PG_DATABASE)
             if not mqtt_alive:
                 avoid = state["pg_port"]
-                port, pid = _start_with_port_retry(
-                    state.get("mqtt_port"),
+                port, pid = _process.start_on_free_port(
                     lambda p: _start_mosquitto(mosquitto, run_dir, p, timeout),
+                    HOST,
+                    preferred=state.get("mqtt_port"),
                     avoid=avoid,
                 )
                 state.update(mqtt_port=port, mqtt_pid=pid)
-                started.append(functools.partial(_stop_pid, pid, "mosquitto", timeout))
+                started.append(functools.partial(_process.stop, pid, "mosquitto", timeout))
         except BaseException:
             for stop in reversed(started):
                 with contextlib.suppress(Exception):
@@ -254,13 +251,13 @@ def down(
         return
     with _locked(run_dir):
         state = _read_state(run_dir) or {}
-        _stop_pid(state.get("mqtt_pid"), "mosquitto", timeout)
+        _process.stop(state.get("mqtt_pid"), "mosquitto", timeout)
         data_dir = _known_pg_data_dir(run_dir, state)
         pg_bin = Path(state["pg_bin_dir"]) if "pg_bin_dir" in state else _find_pg_bin_or_none()
         if data_dir is not None and pg_bin is not None:
             _stop_postgres(pg_bin, data_dir, state.get("pg_pid"), _postgres_account(), timeout)
         else:
-            _stop_pid(state.get("pg_pid"), "postgres", timeout)
+            _process.stop(state.get("pg_pid"), "postgres", timeout)
         (run_dir / _STATE_FILE).unlink(missing_ok=True)
         if purge:
             if data_dir is not None:
@@ -286,7 +283,7 @@ def status(run_dir: Path = DEFAULT_RUN_DIR) -> StackStatus:
         run_dir=run_dir,
         mqtt=ServiceStatus(
             name="mosquitto",
-            running=_alive(mqtt_pid, "mosquitto"),
+            running=_process.alive(mqtt_pid, "mosquitto"),
             pid=mqtt_pid,
             port=mqtt_port,
             url=info.mqtt_url if info else None,
@@ -294,7 +291,7 @@ def status(run_dir: Path = DEFAULT_RUN_DIR) -> StackStatus:
         ),
         postgres=ServiceStatus(
             name="postgresql",
-            running=_alive(pg_pid, "postgres"),
+            running=_process.alive(pg_pid, "postgres"),
             pid=pg_pid,
             port=pg_port,
             url=info.database_url if info else None,
@@ -308,7 +305,9 @@ def load(run_dir: Path = DEFAULT_RUN_DIR) -> StackInfo | None:
     state = _read_state(Path(run_dir).absolute())
     if not state:
         return None
-    if _alive(state.get("mqtt_pid"), "mosquitto") and _alive(state.get("pg_pid"), "postgres"):
+    if _process.alive(state.get("mqtt_pid"), "mosquitto") and _process.alive(
+        state.get("pg_pid"), "postgres"
+    ):
         return _info(state)
     return None
 
@@ -327,7 +326,7 @@ def stop_broker(info: StackInfo, *, timeout: float = STOP_TIMEOUT_S) -> None:
     """Stop mosquitto cleanly (it saves queued messages), keeping the rest of the stack."""
     with _locked(info.run_dir):
         state = _require_state(info)
-        _stop_pid(state.get("mqtt_pid"), "mosquitto", timeout)
+        _process.stop(state.get("mqtt_pid"), "mosquitto", timeout)
         state["mqtt_pid"] = None
         _write_state(info.run_dir, state)
 
@@ -336,7 +335,7 @@ def start_broker(info: StackInfo, *, timeout: float = START_TIMEOUT_S) -> None:
     """Start mosquitto again on the same port with the same persistence file."""
     with _locked(info.run_dir):
         state = _require_state(info)
-        if _alive(state.get("mqtt_pid"), "mosquitto"):
+        if _process.alive(state.get("mqtt_pid"), "mosquitto"):
             return
         _require_free(info.mqtt_port, "mosquitto", info.run_dir / _MOSQUITTO_LOG)
         mosquitto = Path(state.get("mosquitto_bin") or _find_mosquitto())
@@ -367,7 +366,7 @@ def start_database(info: StackInfo, *, timeout: float = START_TIMEOUT_S) -> None
     """Start PostgreSQL again on the same port and data directory."""
     with _locked(info.run_dir):
         state = _require_state(info)
-        if _alive(state.get("pg_pid"), "postgres"):
+        if _process.alive(state.get("pg_pid"), "postgres"):
             return
         _require_free(info.pg_port, "postgres", info.run_dir / _POSTGRES_LOG)
         state["pg_pid"] = _start_postgres(
@@ -386,7 +385,7 @@ def pause_database(info: StackInfo) -> list[int]:
     stay open and nothing answers. Returns the paused pids; `resume_database` undoes it."""
     with _locked(info.run_dir):
         pid = _require_state(info).get("pg_pid")
-    if not _alive(pid, "postgres"):
+    if not _process.alive(pid, "postgres"):
         raise StackError("PostgreSQL is not running; start it with `pumpfleet stack up`")
     assert pid is not None
     pids = [pid, *_children(pid)]
@@ -568,28 +567,6 @@ def _clean_env(account: _Account | None = None) -> dict[str, str]:
     return env
 
 
-def _spawn(
-    argv: list[str], log: Path, account: _Account | None, cwd: Path
-) -> subprocess.Popen[bytes]:
-    """Start a server in its own session, so Ctrl-C in the caller's terminal does not reach it."""
-    with open(log, "ab") as out:
-        extra: dict[str, Any] = {}
-        if account is not None:
-            extra = {"user": account.uid, "group": account.gid, "extra_groups": []}
-        proc = subprocess.Popen(
-            argv,
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            cwd=cwd,
-            env=_clean_env(account),
-            start_new_session=True,
-            **extra,
-        )
-    _CHILDREN[proc.pid] = proc
-    return proc
-
-
 def _run(
     argv: list[str], account: _Account | None, cwd: Path, timeout: float
 ) -> subprocess.CompletedProcess[str]:
@@ -609,150 +586,40 @@ def _run(
     )
 
 
-def _alive(pid: int | None, name: str) -> bool:
-    """Whether `pid` is a live `name` process; a stale state file may name a reused pid."""
-    if not pid:
-        return False
-    child = _CHILDREN.get(pid)
-    if child is not None:
-        if child.poll() is None:
-            return True
-        del _CHILDREN[pid]
-        return False
-    try:
-        os.kill(pid, 0)
-    except (ProcessLookupError, PermissionError):
-        return False
-    proc = Path(f"/proc/{pid}")
-    if not Path("/proc/self").exists():
-        return True  # no procfs: trust the pid
-    try:
-        status_line = (proc / "stat").read_text()
-        cmdline = (proc / "cmdline").read_bytes()
-    except OSError:
-        return False
-    if status_line.rpartition(")")[2].split()[0] in ("Z", "X"):
-        with contextlib.suppress(ChildProcessError):
-            os.waitpid(pid, os.WNOHANG)
-        return False
-    return name.encode() in cmdline
-
-
-def _wait_gone(pid: int, name: str, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    child = _CHILDREN.get(pid)
-    if child is not None:
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            child.wait(timeout)
-    while _alive(pid, name):
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(0.02)
-    return True
-
-
-def _stop_pid(pid: int | None, name: str, timeout: float) -> None:
-    """SIGTERM, then SIGKILL if it has not gone by the deadline."""
-    if pid is None or not _alive(pid, name):
-        return
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGTERM)
-    if _wait_gone(pid, name, timeout):
-        return
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGKILL)
-    _wait_gone(pid, name, 10.0)
-
-
-def _port_free(port: int) -> bool:
-    # SO_REUSEADDR like the servers themselves: only a listener, not TIME_WAIT, blocks them.
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((HOST, port))
-        except OSError:
-            return False
-        return True
-
-
 def _require_free(port: int, name: str, log: Path) -> None:
-    if not _port_free(port):
+    if not _process.port_free(HOST, port):
         raise StackError(f"cannot start {name}: port {port} on {HOST} is in use (log: {log})")
-
-
-class _ExitedEarly(StackError):
-    """The server exited while starting, often because another process took its port."""
-
-
-def _start_with_port_retry(
-    recorded: int | None, start: Callable[[int], int], *, avoid: int | None = None
-) -> tuple[int, int]:
-    """Start on the recorded port if free, else on fresh ports, retrying a lost port race."""
-    ports: list[int] = []
-    if recorded and recorded != avoid and _port_free(recorded):
-        ports.append(recorded)
-    while len(ports) < 3:
-        port = free_port()
-        if port != avoid and port not in ports:
-            ports.append(port)
-    for attempt, port in enumerate(ports):
-        try:
-            return port, start(port)
-        except _ExitedEarly:
-            if attempt == len(ports) - 1 or _port_free(port):
-                raise  # not a port race: retrying cannot help
-    raise AssertionError("unreachable")
-
-
-def _wait_ready(
-    proc: subprocess.Popen[bytes], ready: Callable[[], bool], name: str, log: Path, timeout: float
-) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        if proc.poll() is not None:
-            _CHILDREN.pop(proc.pid, None)
-            raise _ExitedEarly(
-                f"{name} exited with status {proc.returncode} while starting; read {log}"
-            )
-        if ready():
-            if proc.poll() is None:  # not someone else answering on our port
-                return
-            continue
-        if time.monotonic() >= deadline:
-            raise StackError(f"{name} did not become ready within {timeout:.0f}s; read {log}")
-        time.sleep(0.05)
 
 
 # mosquitto --------------------------------------------------------------------------------------
 
 
 def _mosquitto_conf(run_dir: Path, port: int) -> str:
-    """Settings for a subscriber that may be away for a long time and then drain fast.
-
-    Stock mosquitto keeps only 1000 queued QoS 1 messages per offline client and drops the
-    rest silently; an ingester that is down for minutes would lose data. The queue is capped
-    by count only (10 million) so a fleet backlog survives an outage. The in-flight window is
-    unlimited so a returning subscriber is not throttled to 20 unacknowledged messages; MQTT 5
-    clients still bound it with their receive maximum. Payload size is checked by the ingester
-    (so oversized messages reach it and are dead-lettered visibly), hence no broker limit
-    (max_packet_size is left at its default, unlimited).
-    """
+    """deploy/mosquitto.conf (what docker-compose runs, and why each setting) with this stack's
+    listener, persistence directory and log file in place of the container's."""
+    try:
+        template = _MOSQUITTO_TEMPLATE.read_text()
+    except OSError:
+        raise StackError(
+            f"{_MOSQUITTO_TEMPLATE} not found: run the stack from a pumpfleet source checkout"
+        ) from None
+    local = {
+        "listener": f"{port} {HOST}",
+        "persistence_location": f"{run_dir / _MOSQUITTO_DATA}/",
+        "log_dest": f"file {run_dir / _MOSQUITTO_LOG}",
+    }
     lines = [
-        "# Written by `pumpfleet stack up`; rewritten on every start.",
-        f"listener {port} {HOST}",
-        "allow_anonymous true",
-        "persistence true",
-        f"persistence_location {run_dir / _MOSQUITTO_DATA}/",
-        "autosave_interval 30",
-        "persistent_client_expiration 14d",
-        "max_queued_messages 10000000",
-        "max_queued_bytes 0",
-        "max_inflight_messages 0",
-        "max_inflight_bytes 0",
-        "set_tcp_nodelay true",
-        f"log_dest file {run_dir / _MOSQUITTO_LOG}",
-        "log_timestamp_format %Y-%m-%dT%H:%M:%S",
+        f"# Written by `pumpfleet stack up` from {_MOSQUITTO_TEMPLATE}; rewritten on every start."
     ]
+    for line in template.splitlines():
+        key = line.split(maxsplit=1)[0] if line.strip() else ""
+        if key in local:
+            line = f"{key} {local.pop(key)}"
+        lines.append(line)
+    if local:
+        raise StackError(
+            f"{_MOSQUITTO_TEMPLATE} lacks {', '.join(local)}: restore it from version control"
+        )
     if os.geteuid() == 0:
         # As root mosquitto switches to user `mosquitto`, which cannot write to our run dir.
         lines.append("user root")
@@ -764,19 +631,13 @@ def _start_mosquitto(mosquitto: Path, run_dir: Path, port: int, timeout: float) 
     conf = run_dir / _MOSQUITTO_CONF
     conf.write_text(_mosquitto_conf(run_dir, port))
     log = run_dir / _MOSQUITTO_LOG
-    proc = _spawn([str(mosquitto), "-c", str(conf)], log, None, run_dir)
-
-    def accepting() -> bool:
-        try:
-            with socket.create_connection((HOST, port), timeout=1.0):
-                return True
-        except OSError:
-            return False
-
+    proc = _process.spawn([str(mosquitto), "-c", str(conf)], log, run_dir, env=_clean_env())
     try:
-        _wait_ready(proc, accepting, "mosquitto", log, timeout)
+        _process.wait_ready(
+            proc, lambda: _process.accepts_tcp(HOST, port), "mosquitto", log, timeout
+        )
     except BaseException:
-        _stop_pid(proc.pid, "mosquitto", 5.0)
+        _process.stop(proc.pid, "mosquitto", 5.0)
         raise
     return proc.pid
 
@@ -820,14 +681,20 @@ def _start_postgres(
 ) -> int:
     log = run_dir / _POSTGRES_LOG
     _initdb(pg_bin, data, log, account, timeout)
-    proc = _spawn([str(pg_bin / "postgres"), "-D", str(data), "-p", str(port)], log, account, data)
+    proc = _process.spawn(
+        [str(pg_bin / "postgres"), "-D", str(data), "-p", str(port)],
+        log,
+        data,
+        env=_clean_env(account),
+        user=(account.uid, account.gid) if account is not None else None,
+    )
 
     def accepting() -> bool:
         argv = [str(pg_bin / "pg_isready"), "-q", "-h", HOST, "-p", str(port), "-t", "1"]
         return _run([*argv, "-U", PG_USER, "-d", "postgres"], None, run_dir, 10).returncode == 0
 
     try:
-        _wait_ready(proc, accepting, "postgres", log, timeout)
+        _process.wait_ready(proc, accepting, "postgres", log, timeout)
     except BaseException:
         _stop_postgres(pg_bin, data, proc.pid, account, 10.0)
         raise
@@ -848,7 +715,7 @@ def _stop_postgres(
         with contextlib.suppress(subprocess.TimeoutExpired):
             _run([*argv, "-t", str(int(timeout))], account, data, timeout + 5)
     if pid is not None:
-        _stop_pid(pid, "postgres", timeout)
+        _process.stop(pid, "postgres", timeout)
 
 
 def _psql(pg_bin: Path, port: int, sql: str, database: str = "postgres") -> str:

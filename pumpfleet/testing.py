@@ -2,18 +2,21 @@
 chaos soak (`pumpfleet soak`).
 
 Waiting with deadlines instead of sleeps (`wait_until`, `until`), one recording MQTT subscriber
-(`RecordingSubscriber`, which decodes with the contract) and a valid telemetry body
-(`telemetry_fields`). Nothing in the product imports this module.
+(`RecordingSubscriber`, which decodes with the contract), a valid telemetry body
+(`telemetry_fields`) and a recording HTTP receiver for webhooks and Alertmanager (`Sink`).
+Nothing in the product imports this module.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, TypeVar
 
 import paho.mqtt.client as mqtt
@@ -172,3 +175,51 @@ class RecordingSubscriber:
         props.SessionExpiryInterval = 0
         self.client.disconnect(properties=props)
         self.client.loop_stop()
+
+
+class Sink:
+    """A tiny HTTP server that records every JSON POST; answers `statuses` in turn, then 200."""
+
+    def __init__(self, port: int = 0, statuses: Iterable[int] = ()) -> None:
+        self.requests: list[dict[str, Any]] = []
+        self._statuses = list(statuses)
+        self._lock = threading.Lock()
+        sink = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                with sink._lock:
+                    status = sink._statuses.pop(0) if sink._statuses else 200
+                    if status < 300:
+                        sink.requests.append(
+                            {
+                                "path": self.path,
+                                "headers": dict(self.headers),
+                                "body": json.loads(raw),
+                            }
+                        )
+                self.send_response(status)
+                self.send_header("Content-Length", "2")
+                self.end_headers()
+                self.wfile.write(b"{}")
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
+        self.port = self.server.server_address[1]
+        self.url = f"http://127.0.0.1:{self.port}/hook"
+        self._thread = threading.Thread(
+            target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+        )
+        self._thread.start()
+
+    @property
+    def bodies(self) -> list[Any]:
+        with self._lock:
+            return [r["body"] for r in self.requests]
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()

@@ -4,10 +4,19 @@ transports that put them on the wire.
 `Pump.advance(until)` is the seam: it returns the observations a pump would send in that span
 of simulated time; a transport adds the envelope and sends. `run_scenario` (`pumpfleet sim run`)
 paces a scenario's fleet through the broker; `run_load` (`pumpfleet sim load`) is the benchmark
-load generator.
+load generator; `register_pumps`, `alert_baseline` and `wait_for_alerts` (`pumpfleet sim run
+--check`) judge the alerts the pipeline raised against the scenario's.
 """
 
-from device_agent.driver import Observation, ObservationKind
+from device_agent import Observation, ObservationKind
+from sim_fleet.check import (
+    CheckError,
+    CheckResult,
+    alert_baseline,
+    fetch_raised,
+    register_pumps,
+    wait_for_alerts,
+)
 from sim_fleet.fleet import (
     FleetMix,
     advance_fleet,
@@ -90,6 +99,8 @@ __all__ = [
     "BatteryEri",
     "BatteryFault",
     "CatheterOcclusion",
+    "CheckError",
+    "CheckResult",
     "ClinicianBolus",
     "ClinicianReprogram",
     "ClinicianSuspend",
@@ -127,11 +138,13 @@ __all__ = [
     "UnderInfusion",
     "advance_fleet",
     "agent_driver",
+    "alert_baseline",
     "booked_refill_days",
     "build_run",
     "builtin_scenarios",
     "continuous_schedule",
     "dose_mcg_per_day",
+    "fetch_raised",
     "find_scenario",
     "flex_daily_dose_mcg",
     "flex_schedule",
@@ -141,9 +154,11 @@ __all__ = [
     "parse_scenario",
     "pump_id",
     "rate_ul_per_h",
+    "register_pumps",
     "routine_refill_days",
     "run_load",
     "run_scenario",
     "scaled_schedule",
+    "wait_for_alerts",
     "worst_case_flow_ml_per_day",
 ]

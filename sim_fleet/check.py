@@ -1,17 +1,13 @@
 """`pumpfleet sim run --check`: did the pipeline raise the alerts the scenario expects?
 
 After a run, the alerts the pipeline stored are read from the database and handed to
-`SimRun.check`. Which rows count:
-
-- only alerts created after the run started (`alert_id` above the highest one before it), on
-  the run's pumps, so earlier runs of the same scenario in the same database do not count;
-- each alert counts at its priority when it started (`alert_history` phase `start`, at
-  `started_at`) and at every priority it was escalated or de-escalated to (history phases
-  `escalate` / `de-escalate`, at the history row's `at`); without history rows, the alert's
-  current priority at `started_at`.
+`SimRun.check`. The reads and the registry write are the core's (`pumpfleet.schema.alerts`,
+`pumpfleet.schema.registry`), which say which rows count: only alerts created after the run
+started (`alert_id` above the highest one before it), on the run's pumps, so earlier runs of
+the same scenario in the same database do not count; each at every priority it reached.
 
 Times: `SimRun.check` works in simulated time. The alert lifecycle stamps alerts with the
-device time of the message that decided them (`ingest.findings.Finding.at`), which equals the
+device time of the message that decided them (`pumpfleet.findings.Finding.at`), which equals the
 simulated time except on a pump whose clock the scenario skews (by minutes, inside every
 deadline's slack). So the stored times are used as they are.
 """
@@ -27,10 +23,19 @@ from datetime import datetime
 
 import asyncpg
 
-from ingest.findings import NOTICES
+from pumpfleet.findings import NOTICES
+from pumpfleet.schema import alerts, registry
 from sim_fleet.scenario import ExpectedAlert, RaisedAlert, SimRun
 
-__all__ = ["CheckResult", "alert_baseline", "evaluate", "fetch_raised", "wait_for_alerts"]
+__all__ = [
+    "CheckError",
+    "CheckResult",
+    "alert_baseline",
+    "evaluate",
+    "fetch_raised",
+    "register_pumps",
+    "wait_for_alerts",
+]
 
 
 class CheckError(Exception):
@@ -117,27 +122,12 @@ async def _connect(dsn: str) -> asyncpg.Connection:
         ) from None
 
 
-_REGISTER = """
-INSERT INTO pumps (pump_id, clinic, reservoir_capacity_ml, concentration_mcg_per_ml,
-                   low_reservoir_alarm_ml, reporting_interval_s, high_risk, registered_by)
-VALUES ($1, $2, $3, $4, $5, $6, $7, 'operator')
-ON CONFLICT (pump_id) DO UPDATE SET
-    clinic = EXCLUDED.clinic,
-    reservoir_capacity_ml = EXCLUDED.reservoir_capacity_ml,
-    concentration_mcg_per_ml = EXCLUDED.concentration_mcg_per_ml,
-    low_reservoir_alarm_ml = EXCLUDED.low_reservoir_alarm_ml,
-    reporting_interval_s = EXCLUDED.reporting_interval_s,
-    high_risk = EXCLUDED.high_risk,
-    registered_by = 'operator'
-"""
-
-
 async def register_pumps(dsn: str, run: SimRun) -> int:
     """What the clinic confirmed: a registry row for every pump of the run that has a profile
     (alerting reads the registry at its start and every minute), none for those set up
     `profile: false`, which must get the clinic_data_missing notice. Returns the rows written."""
-    rows = [
-        (
+    pumps = [
+        registry.Registration(
             p.pump_id,
             p.spec.clinic,
             p.spec.reservoir_capacity_ml,
@@ -151,46 +141,32 @@ async def register_pumps(dsn: str, run: SimRun) -> int:
     ]
     conn = await _connect(dsn)
     try:
-        await conn.executemany(_REGISTER, rows)
+        return await registry.register(conn, pumps)
     finally:
         await conn.close()
-    return len(rows)
 
 
 async def alert_baseline(dsn: str) -> int:
     """The highest alert id now: alerts above it were raised by what runs next."""
     conn = await _connect(dsn)
     try:
-        value = await conn.fetchval("SELECT coalesce(max(alert_id), 0) FROM alerts")
+        return await alerts.baseline(conn)
     except asyncpg.UndefinedTableError:
         raise CheckError(
             "the database has no alerts table; apply the schema with `pumpfleet db migrate`"
         ) from None
     finally:
         await conn.close()
-    return int(value)
-
-
-_QUERY = """
-SELECT a.pump_id, a.rule,
-       coalesce(h.priority, a.priority) AS priority,
-       CASE WHEN h.phase IS NULL OR h.phase = 'start' THEN a.started_at ELSE h.at END AS at
-FROM alerts a
-LEFT JOIN alert_history h
-       ON h.alert_id = a.alert_id AND h.phase IN ('start', 'escalate', 'de-escalate')
-WHERE a.alert_id > $1 AND a.pump_id = ANY($2::text[])
-ORDER BY at
-"""
 
 
 async def fetch_raised(dsn: str, since_alert_id: int, pump_ids: Iterable[str]) -> list[RaisedAlert]:
     """Alerts raised on these pumps since the baseline, one per priority they reached."""
     conn = await _connect(dsn)
     try:
-        rows = await conn.fetch(_QUERY, since_alert_id, list(pump_ids))
+        rows = await alerts.raised_since(conn, since_alert_id, pump_ids)
     finally:
         await conn.close()
-    out = {RaisedAlert(r["pump_id"], r["rule"], r["priority"], r["at"]) for r in rows}
+    out = {RaisedAlert(r.pump_id, r.rule, r.priority, r.at) for r in rows}
     return sorted(out, key=lambda a: (a.time, a.pump_id, a.rule))
 
 

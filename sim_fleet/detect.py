@@ -20,9 +20,9 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 
-from ingest.findings import NOTICES, Finding
-from ingest.rules import PumpProfile, RuleEngine
+from ingest import PumpProfile, RuleEngine
 from pumpfleet.contract import Message
+from pumpfleet.findings import NOTICES, Finding
 from sim_fleet.fleet import FleetMix, advance_fleet, make_fleet
 from sim_fleet.model import (
     BatteryEri,

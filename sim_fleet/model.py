@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Literal
 
-from device_agent.driver import Observation, ObservationKind, PumpDriver
+from device_agent import Observation, ObservationKind, PumpDriver
 from pumpfleet.contract import (
     DosingMode,
     FlexStep,
@@ -611,8 +611,8 @@ Fault = (
 
 
 # What the pump sends ----------------------------------------------------------------------------
-# `Observation` lives in device_agent.driver (the one type every transport takes) and is
-# re-exported here and from sim_fleet.
+# `Observation` is the device agent's (the one type every transport takes) and is re-exported
+# here and from sim_fleet.
 
 
 # The pump ---------------------------------------------------------------------------------------

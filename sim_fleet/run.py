@@ -33,8 +33,9 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import NamedTuple
 
-from device_agent import BrokerOptions, Observation, build_entry
+from device_agent import Observation, build_entry
 from pumpfleet import contract
+from pumpfleet.broker import BrokerOptions
 from sim_fleet.fleet import advance_fleet
 from sim_fleet.mqtt import MAX_MESSAGE_IDS, ConnectError, Connection, ConnectionLost
 from sim_fleet.scenario import SimRun

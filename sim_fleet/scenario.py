@@ -27,7 +27,7 @@ from pydantic import (
     model_validator,
 )
 
-from ingest.findings import RULES, Rule
+from pumpfleet.findings import RULES, Rule
 from sim_fleet.fleet import FleetMix, make_fleet, pump_id
 from sim_fleet.model import (
     BatteryEri,
@@ -64,7 +64,7 @@ SCENARIO_DIR = Path(__file__).resolve().parent / "scenarios"
 Priority = Literal["high", "medium", "low", "info"]
 
 NOTICE_WITHIN = timedelta(hours=1)
-"""Standing notices (ingest.findings.NOTICES, info) are expected by this long after the start
+"""Standing notices (pumpfleet.findings.NOTICES, info) are expected by this long after the start
 (they start at a pump's first reading): flow_not_observable on every calculated or valve pump,
 clinic_data_missing on every pump set up with `profile: false`. Anywhere else a notice is like
 any other alert: a strict run fails on it unless the scenario expects or allows it."""

@@ -60,3 +60,18 @@ def test_a_broker_url_that_is_not_a_url(
     monkeypatch.setenv("PUMPFLEET_MQTT__URL", "notaurl")
     err = _one_line(capsys, ["ingest"])
     assert "not mqtt://host:port" in err and "PUMPFLEET_MQTT__URL" in err
+
+
+@pytest.mark.parametrize(
+    ("argv", "what"),
+    [
+        (["alerts", "list", "--priority", "urgent"], "'--priority'"),
+        (["alerts", "list", "--prio", "high"], "--prio"),
+        (["sim", "run"], "SCENARIO"),
+        (["agent", "--pump-id", "P-1", "--start", "2026-01-01"], "needs a UTC offset"),
+        (["no-such-command"], "no-such-command"),
+    ],
+)
+def test_a_bad_command_line(capsys: pytest.CaptureFixture[str], argv: list[str], what: str) -> None:
+    err = _one_line(capsys, argv)
+    assert what in err and "--help`" in err, err

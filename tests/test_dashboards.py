@@ -43,12 +43,11 @@ from device_agent import BrokerOptions
 from ingest.alerts import acknowledge, resolve
 from pumpfleet import contract, schema
 from pumpfleet import stack as stack_mod
-from pumpfleet.cli import build_parser
+from pumpfleet.cli import command
 from pumpfleet.cli import main as cli_main
 from pumpfleet.schema.panels import PROMQL, SQL, ExpandError, expand, interval_for
 from pumpfleet.testing import wait_until
-from sim_fleet import RunOptions, SimRun, build_run, load_scenario, run_scenario
-from sim_fleet import check as checking
+from sim_fleet import RunOptions, SimRun, build_run, load_scenario, register_pumps, run_scenario
 
 ROOT = Path(__file__).resolve().parent.parent
 COMMITTED = ROOT / "deploy" / "grafana"
@@ -159,22 +158,23 @@ def _scrape(port: int) -> str:
 
 
 def _has_command(name: str) -> bool:
-    try:
-        build_parser().parse_args([name])
-    except SystemExit:
-        return False
-    return True
+    return name in command().commands
 
 
 def _bad_messages() -> list[tuple[str, bytes]]:
     spoofed = contract.MotorStall(
         v=2, pump_id="P-000005", time=datetime.now(UTC), seq=1, event="motor_stall"
     )
+    unprovisioned = contract.Status(
+        v=2, pump_id="P-009999", time=datetime.now(UTC), seq=0, online=True
+    )
     return [
         # Not JSON at all.
         ("pumps/P-000003/telemetry", b"{not json"),
         # A valid event naming another pump than its topic: spoofing, quarantined.
         ("pumps/P-000004/event", contract.encode(spoofed)),
+        # A pump the clinic never provisioned: quarantined.
+        ("pumps/P-009999/status", contract.encode(unprovisioned)),
     ]
 
 
@@ -200,7 +200,7 @@ async def _fill(info: stack_mod.StackInfo, tmp: Path) -> Fleet:
     await schema.migrate(dsn)
     scenario = load_scenario("faults").model_copy(update={"speed": "max"})
     run = build_run(scenario)
-    assert await checking.register_pumps(dsn, run) > 0
+    assert await register_pumps(dsn, run) > 0
     port = stack_mod.free_port()
     env = {
         **os.environ,
@@ -627,11 +627,11 @@ def test_alerts_dashboard(ran: Ran, fleet: Fleet) -> None:
 
 def test_pipeline_health(ran: Ran, fleet: Fleet) -> None:
     classes = set(ran("pipeline.dead_letters", "last day").column("metric"))
-    assert {"not JSON", "spoofing"} <= classes
+    assert {"not JSON", "spoofing", "quarantine"} <= classes
     assert _one(ran("pipeline.quarantine", "last day")) == {
-        "quarantined": 1,
-        "dead letters in range": 2,
-        "dead letters held": 2,
+        "quarantined": 2,
+        "dead letters in range": 3,
+        "dead letters held": 3,
     }
     outbox = _one(ran("pipeline.outbox", "last day"))
     assert outbox["pending"] > 0 and outbox["retrying"] > 0 and outbox["failed"] == 0

@@ -20,11 +20,10 @@ import asyncpg
 import httpx
 import pytest
 
-from ingest.alerts.tests.helpers import Sink
 from pumpfleet import alertmanager, schema
 from pumpfleet import stack as stack_mod
-from sim_fleet import build_run, load_scenario
-from sim_fleet import check as checking
+from pumpfleet.testing import Sink
+from sim_fleet import build_run, load_scenario, register_pumps
 
 pytestmark = pytest.mark.integration
 
@@ -128,7 +127,7 @@ def own_stack(tmp_path: Path) -> Iterator[stack_mod.StackInfo]:
 
 
 async def register_profiles(dsn: str, scenario: str) -> int:
-    return await checking.register_pumps(dsn, build_run(load_scenario(scenario)))
+    return await register_pumps(dsn, build_run(load_scenario(scenario)))
 
 
 @pytest.fixture

@@ -16,9 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from ingest.findings import PRIORITY_RANK, RULES, SERVICE_RULE_PRIORITY, SERVICE_RULES
-from ingest.rules.engine import RuleEngine
-from ingest.rules.thresholds import Thresholds
+from ingest import RuleEngine, Thresholds
+from pumpfleet.findings import PRIORITY_RANK, RULES, SERVICE_RULE_PRIORITY, SERVICE_RULES
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "safety.md"
@@ -130,10 +129,13 @@ def test_every_rule_of_the_catalogue_has_exactly_one_row() -> None:
     twice = sorted({n for n in names if names.count(n) > 1})
     assert not twice, f"docs/safety.md: rules listed more than once: {twice}"
     missing = sorted(set(RULES) - set(names))
-    assert not missing, f"docs/safety.md: add a row for rules in ingest.findings.RULES: {missing}"
+    assert not missing, (
+        f"docs/safety.md: add a row for rules in pumpfleet.findings.RULES: {missing}"
+    )
     unknown = sorted(set(names) - set(RULES))
     assert not unknown, (
-        f"docs/safety.md: rows for rules not in ingest.findings.RULES (remove or rename): {unknown}"
+        f"docs/safety.md: rows for rules not in pumpfleet.findings.RULES (remove or rename): "
+        f"{unknown}"
     )
 
 
@@ -148,7 +150,7 @@ def test_every_cell_is_filled() -> None:
 def test_the_priority_mapping_covers_every_rule_and_every_priority_field() -> None:
     assert set(PRIORITY_FIELDS) == set(RULES), (
         "tests/test_safety_doc.py: PRIORITY_FIELDS must name exactly the rules in "
-        f"ingest.findings.RULES; missing {sorted(set(RULES) - set(PRIORITY_FIELDS))}, "
+        f"pumpfleet.findings.RULES; missing {sorted(set(RULES) - set(PRIORITY_FIELDS))}, "
         f"unknown {sorted(set(PRIORITY_FIELDS) - set(RULES))}"
     )
     fields = {name for name in Thresholds.model_fields if name.endswith("_priority")}
@@ -226,7 +228,7 @@ def test_tests_named_outside_the_table_exist_too() -> None:
 
 
 def test_the_alerts_the_service_raises_itself_have_their_rows_too() -> None:
-    """`ingest.findings.SERVICE_RULES` (not the engine's): one row each in the `| alert |` table,
+    """`pumpfleet.findings.SERVICE_RULES` (not the engine's): one row each in the `| alert |` table,
     with the catalogue's priority and tests that exist."""
     lines = DOC.read_text(encoding="utf-8").splitlines()
     starts = [i for i, line in enumerate(lines) if line.startswith("| alert |")]

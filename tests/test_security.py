@@ -21,14 +21,12 @@ import pytest
 from pubtools import Publisher, forget_session, telemetry
 
 import ingest.service
-from ingest import Ingester
-from ingest.alerts import book
+from ingest import Ingester, TokenBuckets
+from ingest.alerts import Alerting, Book, acknowledge, build_engine
 from ingest.alerts import service as alerts_service
-from ingest.alerts.service import Alerting, build_engine
-from ingest.findings import RULES, SERVICE_RULE_PRIORITY, SERVICE_RULES, Finding
-from ingest.service import TokenBuckets
 from pumpfleet import contract, schema
 from pumpfleet import stack as stack_mod
+from pumpfleet.findings import RULES, SERVICE_RULE_PRIORITY, SERVICE_RULES, Finding
 from pumpfleet.settings import IngestSettings, Settings
 from pumpfleet.testing import until
 
@@ -524,7 +522,7 @@ async def test_each_application_role_can_do_its_job_and_nothing_more(db_url: str
         conn = await asyncpg.connect(url)
         try:
             # Its job: the lifecycle (acknowledge writes the alert and its history).
-            acked = await book.acknowledge(conn, alert_id, "dr.test", note="on it")
+            acked = await acknowledge(conn, alert_id, "dr.test", note="on it")
             assert acked.acked_by == "dr.test"
             for sql in (*ddl, *history_edits):
                 assert await _denied(conn, sql), sql
@@ -631,11 +629,11 @@ async def test_hostile_text_is_stored_or_dead_lettered_verbatim_and_the_tables_a
         )
 
         # On-call text goes the same way: a name and a note that try to break out.
-        done = await book.Book().apply(
+        done = await Book().apply(
             conn, [Finding(pump, "low_reservoir", True, "medium", datetime.now(UTC), drop, {})]
         )
         alert_id = done[0].alert.alert_id
-        await book.acknowledge(conn, alert_id, f"nurse{drop}", note=reasons[1])
+        await acknowledge(conn, alert_id, f"nurse{drop}", note=reasons[1])
         row = await conn.fetchrow(
             "SELECT a.summary, a.acked_by, h.note FROM alerts a JOIN alert_history h "
             "USING (alert_id) WHERE a.alert_id = $1 AND h.phase = 'ack'",

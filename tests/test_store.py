@@ -8,7 +8,7 @@ from datetime import UTC, datetime, timedelta
 import asyncpg
 import pytest
 
-from ingest.store import DeadLetter, prepare, write_batch
+from ingest import DeadLetter, prepare, write_batch
 from pumpfleet import contract, schema
 from pumpfleet.testing import telemetry_fields
 

@@ -3,12 +3,13 @@ built-in driver, the simulated clock and the CLI's argument checks."""
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import logging
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 from pydantic import SecretStr, ValidationError
@@ -23,7 +24,7 @@ from device_agent import (
     Store,
     build_entry,
 )
-from device_agent.cli import register, run_agent
+from device_agent.cli import AgentOptions, run_agent
 from pumpfleet import contract
 from pumpfleet.cli import UsageError
 from pumpfleet.settings import MqttSettings, Settings
@@ -197,42 +198,37 @@ def test_sim_clock_runs_fast_but_never_ahead_of_the_wall_clock() -> None:
     assert clock() == NOW, "capped at the wall clock: the contract rejects future times"
 
 
-def _args(**over: object) -> argparse.Namespace:
-    parser = argparse.ArgumentParser()
-    register(parser.add_subparsers())
-    args = parser.parse_args(["agent", "--pump-id", PUMP])
-    for key, value in over.items():
-        setattr(args, key, value)
-    return args
+def _options(**over: Any) -> AgentOptions:
+    return replace(AgentOptions(PUMP), **over)
 
 
 def test_cli_rejects_bad_input_with_one_line(tmp_path: Path) -> None:
     settings = Settings(run_dir=tmp_path)
     with pytest.raises(UsageError, match="--pump-id"):
-        run_agent(_args(pump_id="pumps/#"), settings)
+        run_agent(_options(pump_id="pumps/#"), settings)
     with pytest.raises(UsageError, match="positive"):
-        run_agent(_args(interval_s=0), settings)
+        run_agent(_options(interval_s=0), settings)
     # A URL that is not MQTT is refused by the settings themselves (one line from `main`).
     with pytest.raises(ValidationError, match="PUMPFLEET_MQTT__URL"):
         MqttSettings(url="ftp://x")
     tls = "mqtts://127.0.0.1:8883"
     plain_with_ca = Settings(run_dir=tmp_path, mqtt=MqttSettings(tls_ca=tmp_path / "ca.pem"))
     with pytest.raises(UsageError, match="plain MQTT; use an mqtts:// URL"):
-        run_agent(_args(), plain_with_ca)
+        run_agent(_options(), plain_with_ca)
     no_ca = Settings(run_dir=tmp_path, mqtt=MqttSettings(url=tls, tls_ca=tmp_path / "missing.pem"))
     with pytest.raises(UsageError, match="tls_ca"):
-        run_agent(_args(), no_ca)
+        run_agent(_options(), no_ca)
     (tmp_path / "junk.pem").write_text("not a certificate")
     junk_ca = Settings(run_dir=tmp_path, mqtt=MqttSettings(url=tls, tls_ca=tmp_path / "junk.pem"))
     with pytest.raises(UsageError, match="TLS files unusable"):
-        run_agent(_args(), junk_ca)
+        run_agent(_options(), junk_ca)
     with pytest.raises(UsageError, match="--driver"):
-        run_agent(_args(driver="no_such_module:make"), settings)
+        run_agent(_options(driver="no_such_module:make"), settings)
     with (
         Store(tmp_path / "agents" / f"{PUMP}.sqlite3", PUMP),
         pytest.raises(UsageError, match="another agent"),
     ):
-        run_agent(_args(), settings)
+        run_agent(_options(), settings)
 
 
 async def test_no_connack_in_time_is_a_failed_attempt_that_closes_with_the_will(

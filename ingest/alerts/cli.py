@@ -2,67 +2,63 @@
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
-from collections.abc import Sequence
+from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import Any, NoReturn
+from typing import Annotated, Any
 
 import asyncpg
+import typer
+from rich.padding import Padding
+from rich.table import Table
 
 from ingest.alerts import book
 from ingest.alerts.notify import receivers
-from ingest.findings import PRIORITY_RANK
+from ingest.findings import Priority
+from pumpfleet import cli
 from pumpfleet.settings import Settings
 
-_PRIORITIES = sorted(PRIORITY_RANK, key=PRIORITY_RANK.__getitem__, reverse=True)
+app = typer.Typer(
+    name="alerts",
+    help=__doc__,
+    short_help="list, show, acknowledge and resolve alerts",
+    no_args_is_help=True,
+)
+
+AlertId = Annotated[int, typer.Argument()]
+By = Annotated[str, typer.Option(help="who (name or on-call id)")]
+Note = Annotated[str | None, typer.Option(help="free text for the history")]
 
 
-def register(sub: Any) -> None:
-    alerts = sub.add_parser(
-        "alerts", help="list, show, acknowledge and resolve alerts", description=__doc__
-    ).add_subparsers(required=True, metavar="ACTION")
-
-    p = alerts.add_parser(
-        "list",
-        help="alerts, most urgent first",
-        description="Alerts, open ones first, then by priority (high first), newest first.",
-    )
-    p.add_argument("--open", action="store_true", help="only alerts that have not ended")
-    p.add_argument("--priority", choices=_PRIORITIES, help="only this priority")
-    p.add_argument("--pump", help="only this pump id")
-    p.add_argument("--rule", help="only this rule, e.g. low_reservoir")
-    p.add_argument("--limit", type=int, default=50, help="at most this many (default 50)")
-    p.set_defaults(handler=_list)
-
-    p = alerts.add_parser("show", help="one alert with its history")
-    p.add_argument("alert_id", type=int)
-    p.set_defaults(handler=_show)
-
-    for name, handler, text in (
-        ("ack", _ack, "acknowledge an open alert (it stays open until its condition ends)"),
-        ("resolve", _resolve, "end an open alert by hand"),
-    ):
-        p = alerts.add_parser(name, help=text, description=text)
-        p.add_argument("alert_id", type=int)
-        p.add_argument("--by", required=True, help="who (name or on-call id)")
-        p.add_argument("--note", default=None, help="free text for the history")
-        p.set_defaults(handler=handler)
+# commands ---------------------------------------------------------------------------------------
 
 
-# handlers ---------------------------------------------------------------------------------------
-
-
-def _list(args: argparse.Namespace, settings: Settings) -> int:
-    if args.limit < 1:
-        _usage("--limit must be at least 1")
-    rows = asyncio.run(_fetch_list(settings, args))
+@app.command(
+    "list",
+    help="Alerts, open ones first, then by priority (high first), newest first.",
+    short_help="alerts, most urgent first",
+)
+def _list(
+    ctx: typer.Context,
+    open_: Annotated[bool, typer.Option("--open", help="only alerts that have not ended")] = False,
+    priority: Annotated[Priority | None, typer.Option(help="only this priority")] = None,
+    pump: Annotated[str | None, typer.Option(help="only this pump id")] = None,
+    rule: Annotated[str | None, typer.Option(help="only this rule, e.g. low_reservoir")] = None,
+    limit: Annotated[int, typer.Option(help="at most this many")] = 50,
+) -> None:
+    if limit < 1:
+        raise cli.UsageError("--limit must be at least 1")
+    filters = {"priority": priority, "pump_id": pump, "rule": rule}
+    rows = asyncio.run(_fetch_list(cli.settings(ctx), open_, filters, limit))
     if not rows:
         print("no alerts match")
-        return 0
-    table = [
-        [
+        return
+    table = _table(
+        "ID", "PRIORITY", "PUMP", "RULE", "PHASE", "STARTED", "ACKED", "ENDED", "SUMMARY"
+    )
+    for r in rows:
+        table.add_row(
             str(r["alert_id"]),
             r["priority"],
             r["pump_id"],
@@ -72,17 +68,13 @@ def _list(args: argparse.Namespace, settings: Settings) -> int:
             f"{r['acked_by']} {_when(r['acked_at'])}" if r["acked_by"] else "-",
             _when(r["ended_at"]) if r["ended_at"] else "open",
             r["summary"],
-        ]
-        for r in rows
-    ]
-    head = ["ID", "PRIORITY", "PUMP", "RULE", "PHASE", "STARTED", "ACKED", "ENDED", "SUMMARY"]
-    for line in _table(head, table):
-        print(line)
-    return 0
+        )
+    cli.console().print(table)
 
 
-def _show(args: argparse.Namespace, settings: Settings) -> int:
-    alert, history, outbox = asyncio.run(_fetch_one(settings, args.alert_id))
+@app.command("show", help="one alert with its history")
+def _show(ctx: typer.Context, alert_id: AlertId) -> None:
+    alert, history, outbox = asyncio.run(_fetch_one(cli.settings(ctx), alert_id))
     fields = [
         ("alert", str(alert["alert_id"])),
         ("pump", f"{alert['pump_id']} (clinic {alert['clinic']})"),
@@ -110,35 +102,32 @@ def _show(args: argparse.Namespace, settings: Settings) -> int:
         print(f"{'notified:':<11}{told}")
     print()
     print("history:")
-    rows = [
-        [
+    table = _table("AT", "PHASE", "PRIORITY", "ACTOR", "NOTE", "DETAILS")
+    for h in history:
+        table.add_row(
             _when(h["at"]),
             h["phase"],
             h["priority"],
             h["actor"],
             h["note"] or "",
             _figures(h["details"]),
-        ]
-        for h in history
-    ]
-    for line in _table(["AT", "PHASE", "PRIORITY", "ACTOR", "NOTE", "DETAILS"], rows):
-        print("  " + line)
-    return 0
+        )
+    cli.console().print(Padding(table, (0, 0, 0, 2), expand=False))
 
 
-def _ack(args: argparse.Namespace, settings: Settings) -> int:
-    alert = asyncio.run(_person(settings, book.acknowledge, args))
+@app.command("ack", help="acknowledge an open alert (it stays open until its condition ends)")
+def _ack(ctx: typer.Context, alert_id: AlertId, by: By, note: Note = None) -> None:
+    alert = asyncio.run(_person(cli.settings(ctx), book.acknowledge, alert_id, by, note))
     print(
         f"alert {alert.alert_id} acknowledged by {alert.acked_by} at {_when(alert.acked_at)}; "
         "it stays open until its condition ends"
     )
-    return 0
 
 
-def _resolve(args: argparse.Namespace, settings: Settings) -> int:
-    alert = asyncio.run(_person(settings, book.resolve, args))
+@app.command("resolve", help="end an open alert by hand")
+def _resolve(ctx: typer.Context, alert_id: AlertId, by: By, note: Note = None) -> None:
+    alert = asyncio.run(_person(cli.settings(ctx), book.resolve, alert_id, by, note))
     print(f"alert {alert.alert_id} resolved by {alert.resolved_by} at {_when(alert.ended_at)}")
-    return 0
 
 
 # database ---------------------------------------------------------------------------------------
@@ -148,21 +137,17 @@ async def _connect(settings: Settings) -> asyncpg.Connection:
     return await asyncpg.connect(settings.database_url.get_secret_value(), timeout=10)
 
 
-async def _fetch_list(settings: Settings, args: argparse.Namespace) -> list[asyncpg.Record]:
-    where, params = [], []
-    for cond, value in (
-        ("ended_at IS NULL", True if args.open else None),
-        ("priority = ${}", args.priority),
-        ("pump_id = ${}", args.pump),
-        ("rule = ${}", args.rule),
-    ):
-        if value is None:
-            continue
-        if "$" in cond:
+async def _fetch_list(
+    settings: Settings, open_only: bool, filters: dict[str, str | None], limit: int
+) -> list[asyncpg.Record]:
+    """`filters`: column = value for each value given (the column names are this module's)."""
+    where = ["ended_at IS NULL"] if open_only else []
+    params: list[Any] = []
+    for column, value in filters.items():
+        if value is not None:
             params.append(value)
-            cond = cond.format(len(params))
-        where.append(cond)
-    params.append(args.limit)
+            where.append(f"{column} = ${len(params)}")
+    params.append(limit)
     sql = f"""SELECT alert_id, priority, pump_id, rule, phase, started_at, acked_by, acked_at,
                      ended_at, summary
               FROM alerts {"WHERE " + " AND ".join(where) if where else ""}
@@ -188,7 +173,7 @@ async def _fetch_one(
             alert_id,
         )
         if alert is None:
-            _usage(f"no alert {alert_id}; `pumpfleet alerts list` shows the ids")
+            raise cli.UsageError(f"no alert {alert_id}; `pumpfleet alerts list` shows the ids")
         history = await conn.fetch(
             "SELECT * FROM alert_history WHERE alert_id = $1 ORDER BY id", alert_id
         )
@@ -202,29 +187,25 @@ async def _fetch_one(
         await conn.close()
 
 
-async def _person(settings: Settings, action: Any, args: argparse.Namespace) -> book.Alert:
-    by = args.by.strip()
+async def _person(
+    settings: Settings, action: Callable[..., Any], alert_id: int, by: str, note: str | None
+) -> book.Alert:
+    by = by.strip()
     if not by:
-        _usage("--by needs a name")
+        raise cli.UsageError("--by needs a name")
     conn = await _connect(settings)
     try:
         alert: book.Alert = await action(
-            conn, args.alert_id, by, note=args.note, receivers=receivers(settings.alerts)
+            conn, alert_id, by, note=note, receivers=receivers(settings.alerts)
         )
         return alert
     except book.AlertError as exc:
-        _usage(str(exc))
+        raise cli.UsageError(str(exc)) from None
     finally:
         await conn.close()
 
 
 # formatting -------------------------------------------------------------------------------------
-
-
-def _usage(message: str) -> NoReturn:
-    from pumpfleet.cli import UsageError
-
-    raise UsageError(message)
 
 
 def _when(t: datetime | None) -> str:
@@ -244,11 +225,10 @@ def _figures(details: Any) -> str:
     return " ".join(f"{k}={v}" for k, v in (details or {}).items())
 
 
-def _table(head: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
-    """Columns padded to their widest cell; the last one is left ragged."""
-    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head) - 1)]
-    out = []
-    for row in [head, *rows]:
-        cells = [c.ljust(w) for c, w in zip(row, widths, strict=False)] + [row[-1]]
-        out.append("  ".join(cells).rstrip())
-    return out
+def _table(*head: str) -> Table:
+    """Columns two spaces apart, left-aligned under their headers; only the last one wraps (on a
+    narrow terminal)."""
+    table = Table(box=None, pad_edge=False, header_style="bold")
+    for name in head:
+        table.add_column(name, no_wrap=name != head[-1])
+    return table

@@ -20,7 +20,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import random
 import re
 import time
 from collections import deque
@@ -31,12 +30,15 @@ from typing import Any
 
 import asyncpg
 import httpx
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_exponential_jitter
 
 from ingest.alerts.book import RECEIVERS, Receiver, Transition, event, load_open
 from pumpfleet.settings import AlertSettings
 
 log = logging.getLogger("pumpfleet.alerts.notify")
 
+_DB_ERRORS = (OSError, TimeoutError, asyncpg.PostgresError)
+"""The database is down or refuses us for now: wait it out."""
 _LOCK_KEY = 0x70756E74  # advisory lock of the delivering notifier
 _BATCH = 200
 _RESERVED_ANNOTATIONS = {"summary", "figures", "alert_id", "phase", "acked_by", "description"}
@@ -160,6 +162,10 @@ def render_webhook(ev: Mapping[str, Any], action: str, generator_url: str) -> di
 
 @dataclass(slots=True)
 class _Backoff:
+    """A receiver's failures in a row and when to try it again. Not a blocking retry: the
+    other receiver (and the next poll) must not wait, so the notifier keeps the schedule and
+    tenacity's wait strategy says how long each pause is."""
+
     failures: int = 0
     next_try: float = 0.0
 
@@ -188,6 +194,15 @@ class Notifier:
         self._client = client
         self._own_client = False
         self._backoff: dict[str, _Backoff] = {r: _Backoff() for r in RECEIVERS}
+        self._retrying = AsyncRetrying(
+            retry=retry_if_exception_type(_DB_ERRORS),
+            wait=wait_exponential_jitter(
+                multiplier=cfg.retry_min_s, max=cfg.retry_max_s, jitter=cfg.retry_min_s
+            ),
+            before_sleep=self._db_unavailable,
+        )
+        """Reconnecting to the database; its wait also paces a receiver's retries."""
+        self._db_lost = False
         self._wake = asyncio.Event()
         self._next_resend = 0.0
         self._next_prune = 0.0
@@ -214,32 +229,44 @@ class Notifier:
         if not self.receivers:
             return
         async with self:
-            delay = self.cfg.retry_min_s
             while not stop.is_set():
-                try:
-                    conn = await asyncpg.connect(self.database_url, timeout=10)
-                except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
-                    log.warning(
-                        "notifier: database unavailable; retrying",
-                        extra={"error": _one_line(exc), "retry_s": round(delay, 1)},
-                    )
-                    await _wait(stop, delay)
-                    delay = min(delay * 2, self.cfg.retry_max_s)
-                    continue
-                delay = self.cfg.retry_min_s
+                conn = await self._connect(stop)
+                if conn is None:
+                    return
                 try:
                     await self._serve(conn, stop)
-                except (
-                    OSError,
-                    TimeoutError,
-                    asyncpg.PostgresError,
-                    asyncpg.InterfaceError,
-                ) as exc:
+                except (*_DB_ERRORS, asyncpg.InterfaceError) as exc:
                     log.warning("notifier: database error", extra={"error": _one_line(exc)})
-                    await _wait(stop, delay)
+                    await _wait(stop, self.cfg.retry_min_s)
                 finally:
                     with contextlib.suppress(Exception):  # closing also frees the advisory lock
                         await asyncio.wait_for(conn.close(), timeout=5)
+
+    async def _connect(self, stop: asyncio.Event) -> asyncpg.Connection | None:
+        """A connection, waiting out an outage with backoff; None when `stop` came first."""
+
+        async def attempt() -> asyncpg.Connection | None:
+            if stop.is_set():
+                return None
+            return await asyncpg.connect(self.database_url, timeout=10)
+
+        conn: asyncpg.Connection | None = await self._retrying.copy(
+            sleep=lambda seconds: _wait(stop, seconds)
+        )(attempt)
+        if conn is not None and self._db_lost:
+            self._db_lost = False
+            log.info("notifier: database reachable again")
+        return conn
+
+    def _db_unavailable(self, attempt: RetryCallState) -> None:
+        """Once per outage, not once per retry."""
+        if not self._db_lost:
+            self._db_lost = True
+            exc = attempt.outcome.exception() if attempt.outcome is not None else None
+            log.warning(
+                "notifier: database unavailable; retrying",
+                extra={"error": _one_line(exc) if exc else "unknown error"},
+            )
 
     async def _serve(self, conn: asyncpg.Connection, stop: asyncio.Event) -> None:
         # One deliverer at a time across processes; the others wait for the lock.
@@ -317,9 +344,7 @@ class Notifier:
                     await self._mark(conn, ids, error=_one_line(exc))
                     self.stats.errors += 1
                     backoff.failures += 1
-                    pause = min(
-                        self.cfg.retry_max_s, self.cfg.retry_min_s * 2 ** (backoff.failures - 1)
-                    ) * random.uniform(0.8, 1.2)
+                    pause = self._pause_s(backoff.failures)
                     backoff.next_try = time.monotonic() + pause
                     log.warning(
                         "notification delivery failed; retrying",
@@ -340,6 +365,12 @@ class Notifier:
                 backoff.failures = 0
                 sent += len(batch)
                 self.stats.delivered += len(batch)
+
+    def _pause_s(self, failures: int) -> float:
+        """The retrying policy's wait after `failures` failed tries in a row."""
+        state = RetryCallState(self._retrying, None, (), {})
+        state.attempt_number = failures
+        return float(self._retrying.wait(state))
 
     async def resend_open(self, conn: asyncpg.Connection) -> bool:
         """Tell Alertmanager again about every open alert (it expires silent ones)."""

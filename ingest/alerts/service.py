@@ -23,9 +23,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import inspect
 import logging
-import random
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -33,6 +33,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol, TypeVar
 
 import asyncpg
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_exponential_jitter
 
 from ingest import rules
 from ingest.alerts.book import CHANNEL, Book, BookPolicy, Transition
@@ -144,6 +145,8 @@ class Alerting:
         self._quarantine_raised: set[str] = set()
         """Quarantined pumps raised in their current episode (see `_unprovisioned`)."""
         self._quarantine_next = 0.0
+        self._db_lost = False
+        """A database outage is logged once when it starts and once when it ends."""
 
     # clock -------------------------------------------------------------------------------------
 
@@ -193,13 +196,13 @@ class Alerting:
             self.stats.apply_errors += 1
             log.exception("alert book failed; findings dropped", extra={"findings": len(findings)})
 
-    def _observe(self, msgs: Sequence[Message], catching_up: bool = False) -> list[Finding]:
+    def _observe(self, msgs: Sequence[Message]) -> list[Finding]:
         """Run the rules over messages; one that fails is logged and the rest go on.
 
         On the fleet clock the watchdog also looks at each reading's time less `_FLEET_SLACK`
         before judging it, so timers fall due at the data's time while a backlog drains (after
         a takeover, say), not a batch of hours later; the slack leaves room for readings of
-        different pumps stored a little out of time order. `catching_up`: a full feed batch."""
+        different pumps stored a little out of time order."""
         findings: list[Finding] = []
         ticked = self._fleet_now
         self.stats.observed += len(msgs)
@@ -275,7 +278,7 @@ class Alerting:
                     "stored message no longer valid; not judged",
                     extra={"pump_id": row["pump_id"], "seq": row["seq"], "error": str(exc)},
                 )
-        findings = self._observe(msgs, catching_up=len(rows) >= limit)
+        findings = self._observe(msgs)
         ids = [row["id"] for row in rows]
         self.stats.findings += len(findings)
 
@@ -306,10 +309,15 @@ class Alerting:
         self._feed_wake.set()
 
     async def _renew(self) -> None:
-        """Keep the lease while running; LeaseLost ends `run()` when another took it."""
+        """Keep the lease while running; LeaseLost ends `run()` when another took it.
+
+        A loop by design, not a retry: a renewal that failed is simply made again at the next
+        one's time (a backoff would let the lease expire). Logged once when renewals start to
+        fail and once when one succeeds again."""
         assert self.lease is not None
         lease = self.lease
         conn: asyncpg.Connection | None = None
+        failing = False
         try:
             while not self._stopping.is_set():
                 with contextlib.suppress(TimeoutError):
@@ -321,13 +329,19 @@ class Alerting:
                         conn = await asyncpg.connect(self.dsn, timeout=lease.ttl_s)
                     renewed = await asyncio.wait_for(lease.renew(conn), timeout=lease.ttl_s)
                 except (*_DB_ERRORS, asyncpg.PostgresError) as exc:
-                    log.warning(
-                        "alerting: lease not renewed; retrying", extra={"error": _one_line(exc)}
-                    )
+                    if not failing:
+                        failing = True
+                        log.warning(
+                            "alerting: lease not renewed; retrying",
+                            extra={"error": _one_line(exc)},
+                        )
                     if conn is not None:
                         conn.terminate()
                     conn = None
                     continue
+                if failing and renewed:
+                    failing = False
+                    log.info("alerting: lease renewed again")
                 if not renewed:
                     raise LeaseLost(f"{lease.holder}: the lease was taken over")
         finally:
@@ -478,26 +492,37 @@ class Alerting:
         """The book's connection, (re)opened with backoff; LISTENs for on-call changes."""
         if self._conn is not None and not self._conn.is_closed():
             return self._conn
-        delay = 0.5
-        while True:
-            try:
-                conn = await asyncpg.connect(self.dsn, timeout=10)
-                await conn.add_listener(CHANNEL, self._on_notify)
-                await conn.add_listener(FEED_CHANNEL, self._on_feed)
-                break
-            except (*_DB_ERRORS, asyncpg.PostgresError) as exc:
-                log.warning(
-                    "alerting: database unavailable; retrying",
-                    extra={"error": _one_line(exc), "retry_s": round(delay, 1)},
-                )
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 10.0) * random.uniform(0.9, 1.1)
+        retrying = AsyncRetrying(
+            retry=retry_if_exception_type((*_DB_ERRORS, asyncpg.PostgresError)),
+            wait=wait_exponential_jitter(multiplier=0.5, max=10.0, jitter=0.5),
+            before_sleep=functools.partial(self._db_failed, "alerting: database unavailable"),
+        )
+        conn: asyncpg.Connection = await retrying(self._open)
         if self._conn is not None:  # a reconnect: NOTIFYs may have been missed meanwhile
             await self.book.load(conn)
             self._dirty.clear()
             self._feed_wake.set()
         self._conn = conn
         return conn
+
+    async def _open(self) -> asyncpg.Connection:
+        conn = await asyncpg.connect(self.dsn, timeout=10)
+        try:
+            await conn.add_listener(CHANNEL, self._on_notify)
+            await conn.add_listener(FEED_CHANNEL, self._on_feed)
+        except BaseException:
+            conn.terminate()
+            raise
+        return conn
+
+    def _db_failed(self, what: str, attempt: RetryCallState) -> None:
+        """Once per outage, not once per retry: the log says the database is gone, and when back."""
+        if not self._db_lost:
+            self._db_lost = True
+            log.warning(
+                f"{what}; retrying",
+                extra={"error": _failure(attempt), "retry_s": _next_sleep_s(attempt)},
+            )
 
     def _on_notify(self, conn: object, pid: int, channel: str, payload: str) -> None:
         with contextlib.suppress(ValueError):
@@ -507,25 +532,32 @@ class Alerting:
         """Run `action` on the book's connection, one at a time, waiting out an outage.
 
         A failed action changed nothing in memory (the book commits first), so it is simply
-        run again on a new connection, after the book was reloaded from the database.
+        run again on a new connection, after the book was reloaded from the database. The wait
+        between tries is outside the lock.
         """
-        delay = 0.2
-        while True:
-            async with self._lock:
-                conn = await self._connection()
-                try:
-                    if self._dirty:
-                        dirty, self._dirty = self._dirty, set()
-                        await self.book.reload(conn, dirty)
-                    return await action(conn)
-                except _DB_ERRORS as exc:
-                    log.warning(
-                        "alerting: database error; retrying",
-                        extra={"error": _one_line(exc), "retry_s": round(delay, 1)},
-                    )
-                    conn.terminate()
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 5.0)
+        retrying = AsyncRetrying(
+            retry=retry_if_exception_type(_DB_ERRORS),
+            wait=wait_exponential_jitter(multiplier=0.2, max=5.0, jitter=0.2),
+            before_sleep=functools.partial(self._db_failed, "alerting: database error"),
+        )
+        result: T = await retrying(self._with_db_once, action)
+        return result
+
+    async def _with_db_once(self, action: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
+        async with self._lock:
+            conn = await self._connection()
+            try:
+                if self._dirty:
+                    dirty, self._dirty = self._dirty, set()
+                    await self.book.reload(conn, dirty)
+                result = await action(conn)
+            except _DB_ERRORS:
+                conn.terminate()  # the next try reconnects, and reloads the book
+                raise
+        if self._db_lost:
+            self._db_lost = False
+            log.info("alerting: database reachable again")
+        return result
 
     def _applied(self, done: Sequence[Transition]) -> None:
         if not done:
@@ -667,7 +699,9 @@ ORDER BY pump_id, seq
 
 # The next feed rows with their messages. Which rows: every row up to its pump's newest urgent
 # one (a pump's own alarm), then the oldest; for each pump a prefix of its rows, read in stored
-# order, so per-pump order holds while an alarm overtakes other pumps' backlog. Statuses come
+# order, so per-pump order holds while an alarm overtakes other pumps' backlog. (A batch of the
+# urgent rows alone commits sooner, but a pump whose every reading carries its alarm then
+# starves the others while its readings move the fleet clock: silence for all.) Statuses come
 # from their log (pump_status may hold a newer one by then).
 _FEED_SQL = f"""
 WITH u AS (SELECT pump_id, max(id) AS upto FROM alert_feed WHERE urgent GROUP BY pump_id),
@@ -701,6 +735,16 @@ def _accepts(func: Callable[..., Any], name: str) -> bool:
 
 def _one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+
+
+def _failure(attempt: RetryCallState) -> str:
+    """The failed attempt's error, in one line."""
+    exc = attempt.outcome.exception() if attempt.outcome is not None else None
+    return _one_line(exc) if exc is not None else "unknown error"
+
+
+def _next_sleep_s(attempt: RetryCallState) -> float:
+    return round(attempt.next_action.sleep, 1) if attempt.next_action is not None else 0.0
 
 
 # the service: one active instance, any number of standbys ---------------------------------------
@@ -780,7 +824,10 @@ class AlertingService:
                 server.close()
 
     async def _acquire(self) -> bool:
-        """Wait for the lease (standby); False when stopped first."""
+        """Wait for the lease (standby); False when stopped first.
+
+        A poll loop by design, every `poll_s`: a standby must see an expired lease at once, so a
+        database error waits for the next poll rather than a growing backoff."""
         announced = False
         conn: asyncpg.Connection | None = None
         try:

@@ -8,6 +8,11 @@ dashboard and rule runs on either.
 `migrate()` is idempotent and safe from two processes at once: it holds an advisory lock, applies
 each pending version in its own transaction and records it in `schema_migrations` with a
 checksum, and refuses to run over a migration whose file changed after it was applied.
+
+Beside the migrations, the SQL that runs against these tables from more than one place, so
+that no part writes its own against another's tables: `panels` (every dashboard figure),
+`queries` (the on-call queries), `registry` (the clinic's pump registry) and `alerts` (the
+alerts a run raised, as checks read them back).
 """
 
 from __future__ import annotations

@@ -133,14 +133,16 @@ _OPEN_ALERTS = f"""
 _REASON_CLASS = """CASE
         WHEN reason LIKE '%(spoofing)' THEN 'spoofing'
         WHEN reason LIKE 'pump_id: not in the pump registry%' THEN 'unknown pump'
+        WHEN reason LIKE 'quarantine: %' THEN 'quarantine'
+        WHEN reason LIKE 'rate limited: %' THEN 'rate limited'
         WHEN reason LIKE 'database refused%' THEN 'database refused'
         WHEN reason LIKE 'topic %' THEN 'bad topic'
         WHEN reason LIKE 'payload: % bytes exceeds%' THEN 'too large'
         WHEN reason LIKE 'payload: Invalid JSON%' THEN 'not JSON'
         ELSE 'contract breach' END"""
-QUARANTINED = ("spoofing", "unknown pump")
+QUARANTINED = ("spoofing", "unknown pump", "quarantine")
 """Dead-letter classes held for a decision, not merely malformed: the message may be genuine
-(a pump not yet registered) or an attack (a payload naming another pump)."""
+(a pump not yet provisioned, or revoked) or an attack (a payload naming another pump)."""
 _QUARANTINED = ", ".join(f"'{c}'" for c in QUARANTINED)
 
 _OUTBOX_PENDING = (

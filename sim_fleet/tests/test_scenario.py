@@ -7,8 +7,8 @@ from typing import get_args
 
 import pytest
 
-from ingest.findings import NOTICES, RULES
 from pumpfleet import contract
+from pumpfleet.findings import NOTICES, RULES
 from sim_fleet import (
     Observation,
     RaisedAlert,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import os
 import re
 import subprocess
@@ -11,10 +10,8 @@ import uuid
 from pathlib import Path
 
 import pytest
-from pydantic import SecretStr
 
-from pumpfleet.cli import UsageError, build_parser
-from pumpfleet.settings import MqttSettings, Settings
+from pumpfleet.cli import main
 from pumpfleet.stack import StackInfo, free_port
 
 SMALL = """
@@ -28,17 +25,12 @@ timeline:
 """
 
 
-def parse(*argv: str) -> argparse.Namespace:
-    return build_parser().parse_args(["sim", *argv])
-
-
-def offline(tmp_path: Path) -> Settings:
+def offline(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """Settings pointing at a broker and a database nobody runs."""
-    return Settings(
-        run_dir=tmp_path,
-        mqtt=MqttSettings(url=f"mqtt://127.0.0.1:{free_port()}"),
-        database_url=SecretStr(f"postgresql://x@127.0.0.1:{free_port()}/x"),
-    )
+    monkeypatch.setenv("PUMPFLEET_RUN_DIR", str(tmp_path))
+    monkeypatch.setenv("PUMPFLEET_CONFIG", str(tmp_path / "none.toml"))
+    monkeypatch.setenv("PUMPFLEET_MQTT__URL", f"mqtt://127.0.0.1:{free_port()}")
+    monkeypatch.setenv("PUMPFLEET_DATABASE_URL", f"postgresql://x@127.0.0.1:{free_port()}/x")
 
 
 @pytest.mark.parametrize(
@@ -55,12 +47,18 @@ def offline(tmp_path: Path) -> Settings:
         (["load", "--pumps", "5", "--rate", "100", "--duration", "1"], "cannot connect"),
     ],
 )
-def test_user_errors_are_one_line(tmp_path: Path, argv: list[str], message: str) -> None:
-    args = parse(*argv)
-    with pytest.raises(UsageError) as caught:
-        args.handler(args, offline(tmp_path))
-    text = str(caught.value)
-    assert message in text and "\n" not in text
+def test_user_errors_are_one_line(
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    argv: list[str],
+    message: str,
+) -> None:
+    offline(monkeypatch, tmp_path)
+    assert main(["sim", *argv]) == 2
+    *logs, error = capsys.readouterr().err.strip().splitlines()
+    assert error.startswith("pumpfleet: ") and message in error
+    assert all(line.startswith("ts=") for line in logs), logs  # log lines, no traceback
 
 
 def command(broker: StackInfo, tmp_path: Path, *argv: str) -> subprocess.CompletedProcess[str]:

@@ -12,11 +12,11 @@ import pytest
 
 from ingest.alerts.book import Book, BookPolicy, acknowledge, resolve
 from ingest.alerts.notify import Notifier, render_alertmanager
-from ingest.alerts.tests.helpers import T0, Sink, finding
+from ingest.alerts.tests.helpers import T0, finding
 from pumpfleet import alertmanager
 from pumpfleet.settings import AlertSettings
 from pumpfleet.stack import free_port
-from pumpfleet.testing import until
+from pumpfleet.testing import Sink, until
 
 pytestmark = pytest.mark.integration
 

@@ -21,14 +21,14 @@ from ingest import Ingester
 from ingest.alerts import service
 from ingest.alerts.book import Book, acknowledge
 from ingest.alerts.service import Alerting
-from ingest.alerts.tests.helpers import T0, Sink, finding
-from ingest.findings import Finding
+from ingest.alerts.tests.helpers import T0, finding
 from ingest.store import prepare, write_batch
 from pumpfleet import contract
 from pumpfleet import stack as stack_mod
 from pumpfleet.contract import Message
+from pumpfleet.findings import Finding
 from pumpfleet.settings import Settings
-from pumpfleet.testing import until
+from pumpfleet.testing import Sink, until
 
 pytestmark = pytest.mark.integration
 

@@ -15,10 +15,27 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-SQL = """INSERT INTO telemetry (time, pump_id, seq, delivered_ul_per_h, programmed_rate_ul_per_h,
-    programmed_dose_mcg_per_day, reservoir_ml, reservoir_capacity_ml, low_reservoir_alarm_ml,
-    concentration_mcg_per_ml, battery_pct, battery_eri, pump_state, alarms)
-VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT DO NOTHING"""
+FIELDS = (
+    "time",
+    "pump_id",
+    "seq",
+    "delivered_ul_per_h",
+    "programmed_rate_ul_per_h",
+    "programmed_dose_mcg_per_day",
+    "reservoir_ml",
+    "reservoir_capacity_ml",
+    "low_reservoir_alarm_ml",
+    "concentration_mcg_per_ml",
+    "battery_pct",
+    "battery_eri",
+    "pump_state",
+    "alarms",
+)
+"""The v1 telemetry fields a naive pipeline copies into the table (nodered_bench's too)."""
+SQL = (
+    f"INSERT INTO telemetry ({', '.join(FIELDS)}) "
+    f"VALUES ({', '.join(['%s'] * len(FIELDS))}) ON CONFLICT DO NOTHING"
+)
 
 
 def main() -> None:
@@ -27,25 +44,7 @@ def main() -> None:
 
     def on_message(c: mqtt.Client, u: object, m: mqtt.MQTTMessage) -> None:
         b = json.loads(m.payload)
-        db.execute(
-            SQL,
-            (
-                b["time"],
-                b["pump_id"],
-                b["seq"],
-                b["delivered_ul_per_h"],
-                b["programmed_rate_ul_per_h"],
-                b["programmed_dose_mcg_per_day"],
-                b["reservoir_ml"],
-                b["reservoir_capacity_ml"],
-                b["low_reservoir_alarm_ml"],
-                b["concentration_mcg_per_ml"],
-                b["battery_pct"],
-                b["battery_eri"],
-                b["pump_state"],
-                b["alarms"],
-            ),
-        )
+        db.execute(SQL, tuple(b[f] for f in FIELDS))
 
     client = mqtt.Client(
         callback_api_version=CallbackAPIVersion.VERSION2,

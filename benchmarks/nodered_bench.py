@@ -36,6 +36,7 @@ from ingest_bench import (
     publish,
     wait_count,
 )
+from naive_ingest import FIELDS as _FIELDS
 
 from pumpfleet import contract
 from pumpfleet import stack as stack_mod
@@ -44,22 +45,6 @@ HERE = Path(__file__).resolve().parent / "nodered"
 RED = HERE / "node_modules" / "node-red" / "red.js"
 PG = HERE / "node_modules" / "pg"
 
-_FIELDS = (
-    "time",
-    "pump_id",
-    "seq",
-    "delivered_ul_per_h",
-    "programmed_rate_ul_per_h",
-    "programmed_dose_mcg_per_day",
-    "reservoir_ml",
-    "reservoir_capacity_ml",
-    "low_reservoir_alarm_ml",
-    "concentration_mcg_per_ml",
-    "battery_pct",
-    "battery_eri",
-    "pump_state",
-    "alarms",
-)
 _SQL = (
     f"INSERT INTO telemetry ({', '.join(_FIELDS)}) "
     f"VALUES ({', '.join(f'${i + 1}' for i in range(len(_FIELDS)))}) ON CONFLICT DO NOTHING"

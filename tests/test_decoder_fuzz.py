@@ -17,6 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pumpfleet import contract as c
+from pumpfleet.testing import telemetry_fields
 
 EXAMPLES = int(os.environ.get("PUMPFLEET_FUZZ_EXAMPLES", "300"))
 FUZZ = settings(
@@ -30,26 +31,7 @@ PUMP = "P-000042"
 
 _BASE: dict[str, Any] = {"v": 2, "pump_id": PUMP, "time": WHEN, "seq": 7}
 VALID: list[tuple[str, dict[str, Any]]] = [
-    (
-        "telemetry",
-        _BASE
-        | {
-            "delivered_ul_per_h": 10.4,
-            "programmed_rate_ul_per_h": 10.4,
-            "programmed_dose_mcg_per_day": 500.0,
-            "reservoir_ml": 15.0,
-            "reservoir_capacity_ml": 20.0,
-            "low_reservoir_alarm_ml": 2.0,
-            "concentration_mcg_per_ml": 2000.0,
-            "battery_pct": 80.0,
-            "battery_eri": False,
-            "pump_state": "infusing",
-            "alarms": [],
-            "reservoir_source": "measured",
-            "reporting_interval_s": 600,
-            "scheduled_ul_per_h": 10.4,
-        },
-    ),
+    ("telemetry", _BASE | telemetry_fields(reservoir_source="measured")),
     (
         "event",
         _BASE

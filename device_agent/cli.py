@@ -7,7 +7,7 @@ import logging
 import re
 import signal
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import FrameType
@@ -17,6 +17,7 @@ import typer
 
 from pumpfleet import cli, contract
 from pumpfleet.broker import BrokerConfigError, BrokerOptions
+from pumpfleet.provision import ProvisionError, read_credentials
 from pumpfleet.settings import Settings
 
 from .agent import Agent
@@ -39,7 +40,7 @@ app = typer.Typer()
 class AgentOptions:
     """What `pumpfleet agent` was asked for; the defaults are the command's."""
 
-    pump_id: str
+    pump_id: str | None = None
     interval_s: float = 600.0
     speed: float = 1.0
     start: datetime | None = None
@@ -48,6 +49,7 @@ class AgentOptions:
     inflight: int = 100
     max_queue_messages: int = QueueLimits.max_messages
     max_queue_mb: float = QueueLimits.max_bytes / 2**20
+    credentials: Path | None = None
 
 
 def _utc_time(text: str) -> datetime:
@@ -63,7 +65,9 @@ def _utc_time(text: str) -> datetime:
 @app.command("agent", help="run the device agent of one simulated pump (store-and-forward to MQTT)")
 def _agent(
     ctx: typer.Context,
-    pump_id: Annotated[str, typer.Option(help="e.g. P-000001")],
+    pump_id: Annotated[
+        str | None, typer.Option(help="e.g. P-000001 (default: the credentials file's)")
+    ] = None,
     interval_s: Annotated[float, typer.Option(help="reporting interval")] = AgentOptions.interval_s,
     speed: Annotated[
         float, typer.Option(help="simulated seconds per real second")
@@ -91,6 +95,13 @@ def _agent(
     inflight: Annotated[int, typer.Option(help="unacked publishes")] = AgentOptions.inflight,
     max_queue_messages: Annotated[int, typer.Option(metavar="N")] = AgentOptions.max_queue_messages,
     max_queue_mb: Annotated[float, typer.Option(metavar="MB")] = AgentOptions.max_queue_mb,
+    credentials: Annotated[
+        Path | None,
+        typer.Option(
+            metavar="FILE",
+            help="the pump's broker credentials, from `pumpfleet pumps provision`",
+        ),
+    ] = None,
 ) -> None:
     options = AgentOptions(
         pump_id=pump_id,
@@ -102,6 +113,7 @@ def _agent(
         inflight=inflight,
         max_queue_messages=max_queue_messages,
         max_queue_mb=max_queue_mb,
+        credentials=credentials,
     )
     run_agent(options, cli.settings(ctx))
 
@@ -111,12 +123,30 @@ def run_agent(
 ) -> None:
     """`pumpfleet agent` from code; `factory` (or `driver`) plugs in another pump model."""
     o = options
-    if not re.fullmatch(contract.PUMP_ID_PATTERN, o.pump_id):
-        raise cli.UsageError(f"--pump-id {o.pump_id!r}: use letters, digits, - and _ (at most 64)")
+    creds = None
+    if o.credentials is not None:
+        try:
+            creds = read_credentials(o.credentials)
+        except ProvisionError as exc:
+            raise cli.UsageError(f"--credentials: {exc}") from None
+        if o.pump_id is not None and o.pump_id != creds.pump_id:
+            raise cli.UsageError(
+                f"--pump-id {o.pump_id} but {o.credentials} is pump {creds.pump_id}'s; "
+                "drop --pump-id or use that pump's file"
+            )
+        o = replace(o, pump_id=creds.pump_id)
+    if o.pump_id is None:
+        raise cli.UsageError("give --pump-id, or --credentials with the pump's file")
+    pump_id = o.pump_id
+    if not re.fullmatch(contract.PUMP_ID_PATTERN, pump_id):
+        raise cli.UsageError(f"--pump-id {pump_id!r}: use letters, digits, - and _ (at most 64)")
     if o.interval_s <= 0 or o.speed <= 0 or o.inflight < 1:
         raise cli.UsageError("--interval-s, --speed and --inflight must be positive")
     try:
-        broker = BrokerOptions.from_settings(settings.mqtt, o.pump_id)
+        if creds is not None and o.credentials is not None:
+            broker = creds.broker_options(settings.mqtt.keepalive_s, o.credentials.parent)
+        else:
+            broker = BrokerOptions.from_settings(settings.mqtt, pump_id)
         limits = QueueLimits(o.max_queue_messages, int(o.max_queue_mb * 2**20))
         if broker.tls:
             broker.tls_context()  # unusable TLS files: a configuration error, not a retry
@@ -126,10 +156,10 @@ def run_agent(
         raise cli.UsageError(f"{exc}; check the queue limits") from None
     start = o.start or (datetime.now(UTC) - (FAST_START_BACK if o.speed > 1 else timedelta(0)))
     factory = factory or (_load_factory(o.driver) if o.driver else ConstantPump)
-    driver = factory(o.pump_id, start=start, reporting_interval_s=o.interval_s)
+    driver = factory(pump_id, start=start, reporting_interval_s=o.interval_s)
     state_dir = o.state_dir or settings.run_dir / "agents"
     try:
-        store = Store(state_dir / f"{o.pump_id}.sqlite3", o.pump_id, limits)
+        store = Store(state_dir / f"{pump_id}.sqlite3", pump_id, limits)
     except StoreError as exc:
         raise cli.UsageError(str(exc)) from None
     with store:
@@ -142,7 +172,7 @@ def run_agent(
         log.info(
             "agent starting",
             extra={
-                "pump_id": o.pump_id,
+                "pump_id": pump_id,
                 "broker": broker.url,
                 "state": store.path,
                 "backlog": len(store),

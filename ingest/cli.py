@@ -34,7 +34,7 @@ def _run(
     ] = None,
     metrics_port: MetricsPort = None,
 ) -> None:
-    settings = cli.settings(ctx)
+    settings = cli.settings(ctx, broker_account="ingest")
     updates: dict[str, Any] = {}
     if client_id:
         updates["client_id"] = client_id

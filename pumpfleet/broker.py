@@ -14,15 +14,50 @@ import ssl
 import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
-    from pumpfleet.settings import MqttSettings
+    import paho.mqtt.client as mqtt
 
 __all__ = ["SCHEMES", "BrokerConfigError", "BrokerOptions", "check_url"]
 
 # URL scheme -> TLS on. `tcp`, `ssl` and `tls` are what other MQTT tools accept.
 SCHEMES = {"mqtt": False, "tcp": False, "mqtts": True, "ssl": True, "tls": True}
+
+
+class _Secret(Protocol):
+    def get_secret_value(self) -> str: ...
+
+
+class _MqttLike(Protocol):
+    """What options are made of: `pumpfleet.settings.MqttSettings` (not imported: settings
+    validates its URL with this module)."""
+
+    @property
+    def url(self) -> str: ...
+    @property
+    def username(self) -> str | None: ...
+    @property
+    def password(self) -> _Secret | None: ...
+    @property
+    def tls_ca(self) -> Path | None: ...
+    @property
+    def tls_cert(self) -> Path | None: ...
+    @property
+    def tls_key(self) -> Path | None: ...
+    @property
+    def keepalive_s(self) -> int: ...
+
+
+@dataclass(frozen=True)
+class _Url:
+    url: str
+    tls_ca: Path | None = None
+    keepalive_s: int = 30
+    username: str | None = None
+    password: _Secret | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
 
 
 class BrokerConfigError(ValueError):
@@ -55,9 +90,11 @@ class BrokerOptions:
     username: str | None = None
     password: str | None = field(default=None, repr=False)
     keepalive_s: int = 30
+    tls_ca_data: str | None = field(default=None, repr=False)
+    """A CA bundle as PEM text (a pump's credentials file carries it inline), besides tls_ca."""
 
     @classmethod
-    def from_settings(cls, mqtt: MqttSettings, pump_id: str | None = None) -> BrokerOptions:
+    def from_settings(cls, mqtt: _MqttLike, pump_id: str | None = None) -> BrokerOptions:
         url = check_url(mqtt.url)
         tls = SCHEMES[url.scheme]
         if not tls and (mqtt.tls_ca or mqtt.tls_cert):
@@ -83,6 +120,32 @@ class BrokerOptions:
             keepalive_s=mqtt.keepalive_s,
         )
 
+    @classmethod
+    def from_url(
+        cls, url: str, *, tls_ca: Path | None = None, keepalive_s: int = 30
+    ) -> BrokerOptions:
+        """Options from a URL (credentials in its user info), e.g. a test stack's account."""
+        return cls.from_settings(_Url(url=url, tls_ca=tls_ca, keepalive_s=keepalive_s))
+
+    def paho_client(
+        self, client_id: str, *, protocol: mqtt.MQTTProtocolVersion | None = None
+    ) -> mqtt.Client:
+        """An unconnected paho client (MQTT 5 unless told) with these credentials and TLS;
+        connect it with `client.connect(options.host, options.port, ...)`."""
+        import paho.mqtt.client as mqtt
+        from paho.mqtt.enums import CallbackAPIVersion
+
+        client = mqtt.Client(
+            callback_api_version=CallbackAPIVersion.VERSION2,
+            client_id=client_id,
+            protocol=mqtt.MQTTv5 if protocol is None else protocol,
+        )
+        if self.username is not None:
+            client.username_pw_set(self.username, self.password)
+        if self.tls:
+            client.tls_set_context(self.tls_context())
+        return client
+
     @property
     def url(self) -> str:
         """For logs: never carries credentials."""
@@ -98,7 +161,9 @@ class BrokerOptions:
                     f"{name} {path} does not exist; fix PUMPFLEET_MQTT__{name.upper()}"
                 )
         try:
-            context = ssl.create_default_context(cafile=str(self.tls_ca) if self.tls_ca else None)
+            context = ssl.create_default_context(
+                cafile=str(self.tls_ca) if self.tls_ca else None, cadata=self.tls_ca_data
+            )
             if self.tls_cert:
                 key = str(self.tls_key) if self.tls_key else None
                 context.load_cert_chain(str(self.tls_cert), key)

@@ -5,13 +5,15 @@ user can cause end in one line that says what went wrong and how to fix it, exit
 from __future__ import annotations
 
 import asyncio
+import json
 import os
+import re
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib.metadata import entry_points
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
@@ -19,6 +21,9 @@ from typer.core import TyperGroup
 
 from pumpfleet import contract, schema
 from pumpfleet.settings import Settings, load_settings
+
+if TYPE_CHECKING:
+    from pumpfleet.broker import BrokerOptions
 
 COMMANDS = "pumpfleet.commands"
 """The entry point group: each entry is a part's `typer.Typer`, merged into `pumpfleet`."""
@@ -36,14 +41,15 @@ class _Run:
     settings: Settings | None = None
 
 
-def settings(ctx: typer.Context) -> Settings:
+def settings(ctx: typer.Context, *, broker_account: str | None = None) -> Settings:
     """This run's settings, with logging set up from them. Loaded when a command first asks, so
-    `--help` and a bad option are answered even with a broken pumpfleet.toml."""
+    `--help` and a bad option are answered even with a broken pumpfleet.toml. On a local stack
+    the broker URL carries `broker_account`'s credentials (see `load_settings`)."""
     from pumpfleet import logs
 
     run = ctx.ensure_object(_Run)
     if run.settings is None:
-        run.settings = load_settings()
+        run.settings = load_settings(broker_account=broker_account)
         logs.setup(run.log_level or run.settings.log_level)
     return run.settings
 
@@ -99,12 +105,17 @@ def _stack_up(ctx: typer.Context, run_dir: RunDir = None) -> None:
     from pumpfleet import stack
 
     info = stack.up(run_dir or settings(ctx).run_dir)
-    print(f"mosquitto   {info.mqtt_url}")
+    print(f"mosquitto   {info.mqtt_url} (plain), {info.mqtts_url} (TLS, CA {info.tls_ca}),")
+    print(f"            {info.mqtt_mtls_url} (TLS with a client certificate)")
     print(f"postgresql  {info.database_url}")
     print(f"run dir     {info.run_dir}")
-    print("environment (other shells pick these up from the run dir; export to override):")
-    for key, value in info.to_env().items():
-        print(f"  export {key}={value}")
+    print(
+        "broker accounts (no anonymous access): pumpfleet-ingest, pumpfleet-fleet, "
+        f"pumpfleet-admin; passwords in {info.run_dir / 'broker-accounts.json'}"
+    )
+    print("pumpfleet commands run here find the stack in the run dir; a pump needs its own")
+    print("account: `pumpfleet pumps provision PUMP_ID --out DIR`, then")
+    print("`pumpfleet agent --credentials DIR/PUMP_ID.json`")
 
 
 @stack_app.command("down", help="stop them")
@@ -128,6 +139,207 @@ def _stack_status(ctx: typer.Context, run_dir: RunDir = None) -> None:
         print(line)
     if not st.running:
         raise typer.Exit(1)
+
+
+# pumps, broker, tls -----------------------------------------------------------------------------
+
+pumps_app = typer.Typer(
+    name="pumps",
+    help="provision, revoke and list pumps (broker account + registry)",
+    no_args_is_help=True,
+)
+app.add_typer(pumps_app)
+
+
+def _admin(ctx: typer.Context) -> tuple[Settings, BrokerOptions]:
+    from pumpfleet.broker import BrokerConfigError, BrokerOptions
+
+    s = settings(ctx)
+    if s.provisioning.admin_url is None:
+        raise UsageError(
+            "no provisioning account: set PUMPFLEET_PROVISIONING__ADMIN_URL to "
+            "mqtt://pumpfleet-admin:PASSWORD@host:port, or start a local stack "
+            "(`pumpfleet stack up`)"
+        )
+    try:
+        admin = BrokerOptions.from_url(s.provisioning.admin_url.get_secret_value())
+    except (BrokerConfigError, ValueError) as exc:
+        raise UsageError(f"PUMPFLEET_PROVISIONING__ADMIN_URL: {exc}") from None
+    return s, admin
+
+
+def _provisioning(coro: Any) -> Any:
+    from pumpfleet import brokerauth, provision
+
+    try:
+        return asyncio.run(coro)
+    except (provision.ProvisionError, brokerauth.BrokerAuthError) as exc:
+        raise UsageError(str(exc)) from None
+
+
+@pumps_app.command("provision", help="register a pump and give it its own broker account")
+def _pumps_provision(
+    ctx: typer.Context,
+    pump_id: Annotated[str, typer.Argument(help="e.g. P-000001")],
+    capacity_ml: Annotated[float, typer.Option(help="reservoir: 20 or 40")] = 20.0,
+    high_risk: Annotated[
+        bool, typer.Option("--high-risk", help="low-reservoir alarm at 4 mL, not 2")
+    ] = False,
+    out: Annotated[Path, typer.Option(help="where <PUMP_ID>.json goes")] = Path("."),
+    client_cert: Annotated[
+        bool,
+        typer.Option(
+            "--client-cert", help="also issue a client certificate from the stack's development CA"
+        ),
+    ] = False,
+) -> None:
+    from pumpfleet import contract as contract_mod
+    from pumpfleet import provision
+
+    if not re.fullmatch(contract_mod.PUMP_ID_PATTERN, pump_id):
+        raise UsageError(f"{pump_id!r}: a pump id is letters, digits, - and _ (at most 64)")
+    s, admin = _admin(ctx)
+    if s.provisioning.pump_url is None:
+        raise UsageError(
+            "PUMPFLEET_PROVISIONING__PUMP_URL is not set: the broker URL pumps use (mqtts://...)"
+        )
+    ca_pem = None
+    if s.provisioning.pump_ca is not None:
+        try:
+            ca_pem = s.provisioning.pump_ca.read_text()
+        except OSError as exc:
+            raise UsageError(
+                f"PUMPFLEET_PROVISIONING__PUMP_CA {s.provisioning.pump_ca}: {exc.strerror}"
+            ) from None
+    cert = None
+    if client_cert:
+        cert = _dev_ca_client(s, pump_id)
+    path = _provisioning(
+        provision.provision(
+            pump_id=pump_id,
+            database_url=s.database_url.get_secret_value(),
+            admin=admin,
+            pump_broker_url=s.provisioning.pump_url,
+            out_dir=out,
+            ca_pem=ca_pem,
+            capacity_ml=capacity_ml,
+            high_risk=high_risk,
+            client_cert=cert,
+        )
+    )
+    print(f"provisioned {pump_id}: credentials in {path} (keep it secret; mode 0600)")
+    print(f"run its agent with `pumpfleet agent --credentials {path}`")
+
+
+def _dev_ca_client(s: Settings, pump_id: str) -> tuple[Path, Path]:
+    from pumpfleet import devca
+
+    ca = devca.DevCA(s.run_dir.absolute() / "tls")
+    if not ca.ca_key.is_file():
+        raise UsageError(
+            f"--client-cert needs the development CA in {ca.directory} (`pumpfleet stack up` "
+            "makes it); with your own CA, issue the certificate there"
+        )
+    return ca.issue_client(pump_id)
+
+
+@pumps_app.command("revoke", help="cut a pump off: the broker refuses it, the registry marks it")
+def _pumps_revoke(
+    ctx: typer.Context, pump_id: Annotated[str, typer.Argument(help="e.g. P-000001")]
+) -> None:
+    from pumpfleet import provision
+
+    s, admin = _admin(ctx)
+    had_account, had_row = _provisioning(
+        provision.revoke(
+            pump_id=pump_id, database_url=s.database_url.get_secret_value(), admin=admin
+        )
+    )
+    print(
+        f"revoked {pump_id}: broker account "
+        + ("disabled (a connected session was cut)" if had_account else "none")
+        + ", registry row "
+        + ("marked revoked" if had_row else "none")
+    )
+
+
+@pumps_app.command("list", help="every pump the registry or the broker knows")
+def _pumps_list(ctx: typer.Context) -> None:
+    from rich.table import Table
+
+    from pumpfleet import provision
+
+    s, admin = _admin(ctx)
+    records = _provisioning(
+        provision.list_pumps(database_url=s.database_url.get_secret_value(), admin=admin)
+    )
+    table = Table("pump", "capacity mL", "high risk", "registered", "revoked", "broker account")
+    for r in records:
+        table.add_row(
+            r.pump_id,
+            f"{r.capacity_ml:g}" if r.capacity_ml is not None else "-",
+            "yes" if r.high_risk else "no",
+            f"{r.registered_at:%Y-%m-%d %H:%M}" if r.registered_at else "not registered",
+            f"{r.revoked_at:%Y-%m-%d %H:%M}" if r.revoked_at else "-",
+            r.broker,
+        )
+    console().print(table)
+
+
+broker_app = typer.Typer(name="broker", help="the broker's accounts", no_args_is_help=True)
+app.add_typer(broker_app)
+
+
+@broker_app.command(
+    "init", help="write the dynamic-security file with the service accounts (docker compose)"
+)
+def _broker_init(
+    out: Annotated[Path, typer.Option(help="the plugin's file to write")],
+    force: Annotated[bool, typer.Option("--force", help="replace an existing file")] = False,
+) -> None:
+    """Passwords from PUMPFLEET_BROKER_<ACCOUNT>_PASSWORD, e.g. PUMPFLEET_BROKER_INGEST_PASSWORD."""
+    from pumpfleet import brokerauth
+
+    if out.exists() and not force:
+        print(f"{out} exists; left as it is (accounts added since are kept)")
+        return
+    passwords = {}
+    for account in brokerauth.ACCOUNTS:
+        var = f"PUMPFLEET_BROKER_{account.upper()}_PASSWORD"
+        if not os.environ.get(var):
+            raise UsageError(f"{var} is not set: the password of {brokerauth.ACCOUNTS[account]}")
+        passwords[account] = os.environ[var]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(brokerauth.config(passwords), indent=2) + "\n")
+    out.chmod(0o600)
+    print(f"wrote {out}: accounts {', '.join(brokerauth.ACCOUNTS.values())}")
+
+
+tls_app = typer.Typer(name="tls", help="development certificates", no_args_is_help=True)
+app.add_typer(tls_app)
+
+
+@tls_app.command("dev-ca", help="make a development CA and the broker's server certificate")
+def _tls_dev_ca(
+    out: Annotated[Path, typer.Option(help="directory for ca.crt, server.crt and their keys")],
+    host: Annotated[
+        list[str] | None, typer.Option(help="a name the broker is reached by (repeatable)")
+    ] = None,
+    client: Annotated[
+        list[str] | None, typer.Option(help="also issue a client certificate (repeatable)")
+    ] = None,
+) -> None:
+    from pumpfleet import devca
+
+    try:
+        ca = devca.ensure_ca(out, tuple(host) if host else devca.DEFAULT_HOSTS)
+        issued = [ca.issue_client(name) for name in client or []]
+    except devca.DevCAError as exc:
+        raise UsageError(str(exc)) from None
+    print(f"CA {ca.ca_cert}; server certificate {ca.server_cert} (key {ca.server_key})")
+    for cert, key in issued:
+        print(f"client certificate {cert} (key {key})")
+    print("for development only: production brokers use certificates from the clinic's CA")
 
 
 # contract ---------------------------------------------------------------------------------------

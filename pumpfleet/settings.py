@@ -8,6 +8,7 @@ local stack started with `pumpfleet stack up`, then defaults that run locally.
 
 from __future__ import annotations
 
+import contextvars
 import os
 from pathlib import Path
 from typing import Any, Literal
@@ -41,6 +42,21 @@ class MqttSettings(BaseModel):
 
         check_url(value)  # BrokerConfigError is a ValueError: pydantic reports it as such
         return value
+
+
+class ProvisioningSettings(BaseModel):
+    """`pumpfleet pumps provision|revoke|list`: the broker's provisioning account and what a
+    provisioned pump is told (a local stack fills all three in)."""
+
+    admin_url: SecretStr | None = Field(
+        default=None, description="mqtt(s)://pumpfleet-admin:PASSWORD@host:port"
+    )
+    pump_url: str | None = Field(
+        default=None, description="the broker URL written into pumps' credentials (mqtts://)"
+    )
+    pump_ca: Path | None = Field(
+        default=None, description="CA bundle given to pumps inline (default: system trust)"
+    )
 
 
 class IngestSettings(BaseModel):
@@ -169,6 +185,7 @@ class Settings(BaseSettings):
     run_dir: Path = DEFAULT_RUN_DIR
     database_url: SecretStr = SecretStr("postgresql://pumpfleet@127.0.0.1:5432/pumpfleet")
     mqtt: MqttSettings = MqttSettings()
+    provisioning: ProvisioningSettings = ProvisioningSettings()
     ingest: IngestSettings = IngestSettings()
     alerts: AlertSettings = AlertSettings()
     log_level: str = "INFO"
@@ -215,8 +232,31 @@ class _StackSource(PydanticBaseSettingsSource):
         info = stack.load(Path(os.environ.get("PUMPFLEET_RUN_DIR", DEFAULT_RUN_DIR)))
         if info is None:
             return {}
-        return {"database_url": info.database_url, "mqtt": {"url": info.mqtt_url}}
+        account = _STACK_ACCOUNT.get()
+        url = info.mqtt_url_for(account) if account else info.mqtt_url
+        return {
+            "database_url": info.database_url,
+            "mqtt": {"url": url},
+            "provisioning": {
+                "admin_url": info.mqtt_url_for("admin") if info.mqtt_passwords else None,
+                "pump_url": info.mqtts_url if info.mqtts_port else None,
+                "pump_ca": info.tls_ca if info.mqtts_port else None,
+            },
+        }
 
 
-def load_settings(**overrides: Any) -> Settings:
-    return Settings(**overrides)
+_STACK_ACCOUNT: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "stack_account", default=None
+)
+
+
+def load_settings(*, broker_account: str | None = None, **overrides: Any) -> Settings:
+    """The settings; on a local stack with no broker URL configured, `broker_account` (a
+    service account of `pumpfleet.brokerauth.ACCOUNTS`) is the account the stack lends. Without
+    one the URL has no credentials and the broker refuses: a pump brings its own
+    (`pumpfleet agent --credentials`)."""
+    token = _STACK_ACCOUNT.set(broker_account)
+    try:
+        return Settings(**overrides)
+    finally:
+        _STACK_ACCOUNT.reset(token)

@@ -52,10 +52,10 @@ from typing import Any
 
 import asyncpg
 import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion
 
 from pumpfleet import contract, schema
 from pumpfleet import stack as stack_mod
+from pumpfleet.broker import BrokerOptions
 from pumpfleet.testing import telemetry_fields
 
 # fault kinds ------------------------------------------------------------------------------------
@@ -279,16 +279,12 @@ class _Publisher(threading.Thread):
         self.stop_event = threading.Event()
         self.t0 = time.monotonic()
         self._later: list[tuple[float, str, bytes]] = []  # duplicates due at a moment
-        parsed = urllib.parse.urlsplit(url)
-        self.client = mqtt.Client(
-            callback_api_version=CallbackAPIVersion.VERSION2,
-            client_id=f"soak-fleet-{rng.getrandbits(32):08x}",
-            protocol=mqtt.MQTTv5,
-        )
+        options = BrokerOptions.from_url(url)
+        self.client = options.paho_client(f"soak-fleet-{rng.getrandbits(32):08x}")
         self.client.max_inflight_messages_set(1000)
         self.client.max_queued_messages_set(0)
         self.client.reconnect_delay_set(1, 2)
-        self.client.connect(parsed.hostname or "127.0.0.1", parsed.port or 1883)
+        self.client.connect(options.host, options.port)
         self.client.loop_start()
 
     def _next(self, pump_id: str) -> tuple[str, bytes]:
@@ -661,7 +657,7 @@ async def _soak(cfg: SoakConfig, seed: int, info: stack_mod.StackInfo, run_dir: 
     chaos = _Chaos(cfg, rng, info)
     chaos.ingester = ingester
     chaos.alerting = alerting
-    pub = _Publisher(cfg, random.Random(rng.getrandbits(64)), info.mqtt_url, faulty)
+    pub = _Publisher(cfg, random.Random(rng.getrandbits(64)), info.mqtt_url_for("fleet"), faulty)
     pub.start()
     try:
         await chaos.run_until(time.monotonic() + cfg.seconds)

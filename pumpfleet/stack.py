@@ -4,7 +4,15 @@ Used by `pumpfleet stack up|down|status`, the test fixtures, benchmarks and the 
 run detached (their own session, started and stopped through `pumpfleet._process`) so the stack
 outlives the command that started it; `stack.json` in the run directory records where they are,
 and `pumpfleet.settings` reads it to find them. Mosquitto's configuration is deploy/mosquitto.conf,
-the file docker-compose mounts, with this stack's port and paths put in.
+the file docker-compose mounts, with this stack's ports and paths put in.
+
+Authentication is on, as everywhere: the broker runs mosquitto's dynamic-security plugin with
+the service accounts of `pumpfleet.brokerauth` (passwords made at the first `up`, kept 0600 in
+`broker-accounts.json`), and pumps get accounts of their own through `pumpfleet pumps provision`.
+Next to the plain loopback listener there is a TLS listener and one that also requires a client
+certificate, both with a development CA made in `tls/` (`pumpfleet.devca`). PostgreSQL has a
+login per service (`<group>_local`, e.g. `pumpfleet_ingest_local`), in the groups the migrations
+grant; `StackInfo.env_for(service)` gives a service its own database login and broker account.
 
 PostgreSQL refuses to run as root. As root we run it as the `postgres` user; when that user cannot
 reach the run directory (e.g. under pytest's 0700 `/tmp/pytest-of-root`), its data directory lives
@@ -27,11 +35,12 @@ import stat
 import subprocess
 import tempfile
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
-from pumpfleet import _process
+from pumpfleet import _process, brokerauth, devca
 from pumpfleet._process import StackError
 
 __all__ = [
@@ -68,7 +77,20 @@ _MOSQUITTO_LOG = "mosquitto.log"
 _MOSQUITTO_DATA = "mosquitto"
 _POSTGRES_LOG = "postgres.log"
 _POSTGRES_DATA = "postgres"
-_STATE_VERSION = 1
+_ACCOUNTS_FILE = "broker-accounts.json"
+_DYNSEC_FILE = "dynamic-security.json"
+_TLS_DIR = "tls"
+_STATE_VERSION = 2
+
+SERVICES = {
+    # service -> (broker account or None, database group or None: the owner)
+    "ingest": ("ingest", "pumpfleet_ingest"),
+    "alerting": (None, "pumpfleet_alerting"),
+    "fleet": ("fleet", None),
+    "reader": (None, "pumpfleet_reader"),
+    "admin": ("admin", None),
+}
+"""What each service of the local stack logs in as."""
 
 # Looked in after PATH: Debian keeps mosquitto in sbin and the server binaries of PostgreSQL out
 # of PATH. Module attributes so tests can hide them.
@@ -102,10 +124,64 @@ class StackInfo:
     pg_port: int
     pg_user: str
     pg_database: str
+    mqtts_port: int = 0
+    mqtt_mtls_port: int = 0
+    mqtt_passwords: dict[str, str] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def mqtt_url(self) -> str:
+        """Where the broker listens, without credentials (it admits no anonymous client)."""
         return f"mqtt://{self.mqtt_host}:{self.mqtt_port}"
+
+    @property
+    def mqtts_url(self) -> str:
+        """The TLS listener; verify it with `tls_ca`."""
+        return f"mqtts://localhost:{self.mqtts_port}"
+
+    @property
+    def mqtt_mtls_url(self) -> str:
+        """The TLS listener that also requires a client certificate from the `tls_ca`."""
+        return f"mqtts://localhost:{self.mqtt_mtls_port}"
+
+    @property
+    def tls_ca(self) -> Path:
+        return self.run_dir / _TLS_DIR / "ca.crt"
+
+    @property
+    def dev_ca(self) -> devca.DevCA:
+        return devca.DevCA(self.run_dir / _TLS_DIR)
+
+    def mqtt_url_for(self, account: str, *, tls: bool = False) -> str:
+        """The broker URL with a service account's credentials (`brokerauth.ACCOUNTS`)."""
+        try:
+            user = brokerauth.ACCOUNTS[account]
+            password = self.mqtt_passwords[account]
+        except KeyError:
+            raise StackError(
+                f"no broker account {account!r} in {self.run_dir}; "
+                f"the stack has {', '.join(sorted(self.mqtt_passwords)) or 'none'}"
+            ) from None
+        where = self.mqtts_url if tls else self.mqtt_url
+        scheme, rest = where.split("://", 1)
+        return f"{scheme}://{quote(user, safe='')}:{quote(password, safe='')}@{rest}"
+
+    def database_login(self, service: str) -> str:
+        """The database login of a service (the owner for one without a group)."""
+        group = SERVICES[service][1]
+        return f"{group}_local" if group else self.pg_user
+
+    def database_url_as(self, service: str, database: str | None = None) -> str:
+        login = self.database_login(service)
+        return f"postgresql://{login}@{self.pg_host}:{self.pg_port}/{database or self.pg_database}"
+
+    def env_for(self, service: str, database: str | None = None) -> dict[str, str]:
+        """Variables for a service's process: its own database login and broker account."""
+        if service not in SERVICES:
+            raise StackError(f"no service {service!r}: use one of {', '.join(SERVICES)}")
+        account, _ = SERVICES[service]
+        env = {"PUMPFLEET_DATABASE_URL": self.database_url_as(service, database)}
+        env["PUMPFLEET_MQTT__URL"] = self.mqtt_url_for(account) if account else self.mqtt_url
+        return env
 
     @property
     def database_url(self) -> str:
@@ -115,10 +191,12 @@ class StackInfo:
         return f"postgresql://{self.pg_user}@{self.pg_host}:{self.pg_port}/{database}"
 
     def to_env(self) -> dict[str, str]:
-        """Variables for child processes, spelled as `pumpfleet.settings` reads them."""
+        """Variables for an operator's child processes, spelled as `pumpfleet.settings` reads
+        them: the database owner and the ingest account (tests, benchmarks). A service of the
+        demo or the soak gets `env_for(service)` instead, its own logins."""
         return {
             "PUMPFLEET_DATABASE_URL": self.database_url,
-            "PUMPFLEET_MQTT__URL": self.mqtt_url,
+            "PUMPFLEET_MQTT__URL": self.mqtt_url_for("ingest"),
         }
 
 
@@ -207,15 +285,22 @@ def up(run_dir: Path = DEFAULT_RUN_DIR, *, timeout: float = START_TIMEOUT_S) -> 
                     functools.partial(_stop_postgres, pg_bin, data_dir, pid, account, timeout)
                 )
                 _ensure_database(pg_bin, port, PG_DATABASE)
+                _ensure_logins(pg_bin, port)
             if not mqtt_alive:
-                avoid = state["pg_port"]
+                _ensure_broker_files(run_dir)
+                tls_ports = _tls_ports(state, avoid={state["pg_port"]})
                 port, pid = _process.start_on_free_port(
-                    lambda p: _start_mosquitto(mosquitto, run_dir, p, timeout),
+                    lambda p: _start_mosquitto(mosquitto, run_dir, (p, *tls_ports), timeout),
                     HOST,
                     preferred=state.get("mqtt_port"),
-                    avoid=avoid,
+                    avoid=state["pg_port"],
                 )
-                state.update(mqtt_port=port, mqtt_pid=pid)
+                state.update(
+                    mqtt_port=port,
+                    mqtt_pid=pid,
+                    mqtts_port=tls_ports[0],
+                    mqtt_mtls_port=tls_ports[1],
+                )
                 started.append(functools.partial(_process.stop, pid, "mosquitto", timeout))
         except BaseException:
             for stop in reversed(started):
@@ -264,7 +349,14 @@ def down(
                 shutil.rmtree(data_dir, ignore_errors=True)
             for name in (_MOSQUITTO_DATA, _POSTGRES_DATA):
                 shutil.rmtree(run_dir / name, ignore_errors=True)
-            for name in (_PG_LOCATION_FILE, _MOSQUITTO_CONF, _MOSQUITTO_LOG, _POSTGRES_LOG):
+            shutil.rmtree(run_dir / _TLS_DIR, ignore_errors=True)
+            for name in (
+                _PG_LOCATION_FILE,
+                _MOSQUITTO_CONF,
+                _MOSQUITTO_LOG,
+                _POSTGRES_LOG,
+                _ACCOUNTS_FILE,
+            ):
                 (run_dir / name).unlink(missing_ok=True)
     if purge:
         (run_dir / _LOCK_FILE).unlink(missing_ok=True)
@@ -339,7 +431,8 @@ def start_broker(info: StackInfo, *, timeout: float = START_TIMEOUT_S) -> None:
             return
         _require_free(info.mqtt_port, "mosquitto", info.run_dir / _MOSQUITTO_LOG)
         mosquitto = Path(state.get("mosquitto_bin") or _find_mosquitto())
-        state["mqtt_pid"] = _start_mosquitto(mosquitto, info.run_dir, info.mqtt_port, timeout)
+        ports = (info.mqtt_port, info.mqtts_port, info.mqtt_mtls_port)
+        state["mqtt_pid"] = _start_mosquitto(mosquitto, info.run_dir, ports, timeout)
         _write_state(info.run_dir, state)
 
 
@@ -594,31 +687,59 @@ def _require_free(port: int, name: str, log: Path) -> None:
 # mosquitto --------------------------------------------------------------------------------------
 
 
-def _mosquitto_conf(run_dir: Path, port: int) -> str:
+_DYNSEC_PLUGINS = (
+    "/usr/lib/x86_64-linux-gnu/mosquitto_dynamic_security.so",
+    "/usr/lib/aarch64-linux-gnu/mosquitto_dynamic_security.so",
+    "/usr/lib/mosquitto_dynamic_security.so",
+    "/usr/local/lib/mosquitto_dynamic_security.so",
+    "/opt/homebrew/lib/mosquitto_dynamic_security.so",
+)
+
+
+def _dynsec_plugin() -> str:
+    for path in _DYNSEC_PLUGINS:
+        if Path(path).is_file():
+            return path
+    raise StackError(
+        "mosquitto's dynamic-security plugin (mosquitto_dynamic_security.so) not found: "
+        "install Debian's mosquitto 2.x with `apt-get install mosquitto`"
+    )
+
+
+def _mosquitto_conf(run_dir: Path, ports: tuple[int, int, int]) -> str:
     """deploy/mosquitto.conf (what docker-compose runs, and why each setting) with this stack's
-    listener, persistence directory and log file in place of the container's."""
+    listeners, plugin, certificates, persistence directory and log file in place of the
+    container's. Each value replaced is replaced in order (three `listener` lines: plain, TLS,
+    TLS with client certificates)."""
     try:
         template = _MOSQUITTO_TEMPLATE.read_text()
     except OSError:
         raise StackError(
             f"{_MOSQUITTO_TEMPLATE} not found: run the stack from a pumpfleet source checkout"
         ) from None
-    local = {
-        "listener": f"{port} {HOST}",
-        "persistence_location": f"{run_dir / _MOSQUITTO_DATA}/",
-        "log_dest": f"file {run_dir / _MOSQUITTO_LOG}",
+    ca = devca.DevCA(run_dir / _TLS_DIR)
+    local: dict[str, list[str]] = {
+        "listener": [f"{ports[0]} {HOST}", f"{ports[1]} {HOST}", f"{ports[2]} {HOST}"],
+        "cafile": [str(ca.ca_cert)] * 2,
+        "certfile": [str(ca.server_cert)] * 2,
+        "keyfile": [str(ca.server_key)] * 2,
+        "plugin": [_dynsec_plugin()],
+        "plugin_opt_config_file": [str(run_dir / _MOSQUITTO_DATA / _DYNSEC_FILE)],
+        "persistence_location": [f"{run_dir / _MOSQUITTO_DATA}/"],
+        "log_dest": [f"file {run_dir / _MOSQUITTO_LOG}"],
     }
     lines = [
         f"# Written by `pumpfleet stack up` from {_MOSQUITTO_TEMPLATE}; rewritten on every start."
     ]
     for line in template.splitlines():
         key = line.split(maxsplit=1)[0] if line.strip() else ""
-        if key in local:
-            line = f"{key} {local.pop(key)}"
+        if local.get(key):
+            line = f"{key} {local[key].pop(0)}"
         lines.append(line)
-    if local:
+    left = [key for key, values in local.items() if values]
+    if left:
         raise StackError(
-            f"{_MOSQUITTO_TEMPLATE} lacks {', '.join(local)}: restore it from version control"
+            f"{_MOSQUITTO_TEMPLATE} lacks {', '.join(left)}: restore it from version control"
         )
     if os.geteuid() == 0:
         # As root mosquitto switches to user `mosquitto`, which cannot write to our run dir.
@@ -626,15 +747,70 @@ def _mosquitto_conf(run_dir: Path, port: int) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _start_mosquitto(mosquitto: Path, run_dir: Path, port: int, timeout: float) -> int:
+def _tls_ports(state: dict[str, Any], avoid: set[int]) -> tuple[int, int]:
+    """The TLS listeners' ports: the recorded ones while free, else fresh ones."""
+    chosen: list[int] = []
+    for key in ("mqtts_port", "mqtt_mtls_port"):
+        port = state.get(key)
+        if not port or port in avoid or port in chosen or not _process.port_free(HOST, port):
+            port = free_port()
+            while port in avoid or port in chosen:
+                port = free_port()
+        chosen.append(port)
+    return chosen[0], chosen[1]
+
+
+def _ensure_broker_files(run_dir: Path) -> None:
+    """The service accounts' passwords, the plugin's file and the development CA, made once."""
+    accounts = run_dir / _ACCOUNTS_FILE
+    passwords = _read_json(accounts)
+    if set(passwords) != set(brokerauth.ACCOUNTS):
+        passwords = {account: brokerauth.new_password() for account in brokerauth.ACCOUNTS}
+        _write_private(accounts, passwords)
+        (run_dir / _MOSQUITTO_DATA / _DYNSEC_FILE).unlink(missing_ok=True)
+    data = run_dir / _MOSQUITTO_DATA
+    data.mkdir(exist_ok=True)
+    dynsec = data / _DYNSEC_FILE
+    if not dynsec.is_file():
+        _write_private(dynsec, brokerauth.config(passwords))
+    try:
+        devca.ensure_ca(run_dir / _TLS_DIR)
+    except devca.DevCAError as exc:
+        raise StackError(str(exc)) from None
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def _write_private(path: Path, value: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.unlink(missing_ok=True)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(json.dumps(value, indent=2) + "\n")
+    tmp.replace(path)
+
+
+def _start_mosquitto(
+    mosquitto: Path, run_dir: Path, ports: tuple[int, int, int], timeout: float
+) -> int:
     (run_dir / _MOSQUITTO_DATA).mkdir(exist_ok=True)
     conf = run_dir / _MOSQUITTO_CONF
-    conf.write_text(_mosquitto_conf(run_dir, port))
+    conf.write_text(_mosquitto_conf(run_dir, ports))
     log = run_dir / _MOSQUITTO_LOG
     proc = _process.spawn([str(mosquitto), "-c", str(conf)], log, run_dir, env=_clean_env())
     try:
         _process.wait_ready(
-            proc, lambda: _process.accepts_tcp(HOST, port), "mosquitto", log, timeout
+            proc,
+            lambda: all(_process.accepts_tcp(HOST, p) for p in ports),
+            "mosquitto",
+            log,
+            timeout,
         )
     except BaseException:
         _process.stop(proc.pid, "mosquitto", 5.0)
@@ -728,6 +904,25 @@ def _psql(pg_bin: Path, port: int, sql: str, database: str = "postgres") -> str:
     return result.stdout.strip()
 
 
+def _ensure_logins(pg_bin: Path, port: int) -> None:
+    """A login per service group (`<group>_local`), the groups made as the migrations make them
+    (roles are cluster-wide; the migrations then find them and grant their tables)."""
+    for group in sorted({g for _, g in SERVICES.values() if g}):
+        login = f"{group}_local"
+        _psql(
+            pg_bin,
+            port,
+            f"""DO $$ BEGIN
+                IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '{group}') THEN
+                    CREATE ROLE {group} NOLOGIN;
+                END IF;
+                IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '{login}') THEN
+                    CREATE ROLE {login} LOGIN IN ROLE {group};
+                END IF;
+            END $$""",
+        )
+
+
 def _ensure_database(pg_bin: Path, port: int, name: str) -> None:
     _check_identifier(name)
     if not _psql(pg_bin, port, f"SELECT 1 FROM pg_database WHERE datname = '{name}'"):
@@ -785,4 +980,7 @@ def _info(state: dict[str, Any]) -> StackInfo:
         pg_port=int(state["pg_port"]),
         pg_user=state["pg_user"],
         pg_database=state["pg_database"],
+        mqtts_port=int(state.get("mqtts_port") or 0),
+        mqtt_mtls_port=int(state.get("mqtt_mtls_port") or 0),
+        mqtt_passwords=_read_json(Path(state["run_dir"]) / _ACCOUNTS_FILE),
     )

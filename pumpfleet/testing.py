@@ -20,11 +20,11 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, TypeVar
 
 import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from pumpfleet import contract
+from pumpfleet.broker import BrokerOptions
 
 T = TypeVar("T")
 
@@ -112,8 +112,7 @@ class RecordingSubscriber:
 
     def __init__(
         self,
-        host: str,
-        port: int,
+        mqtt_url: str,
         topic_filter: str = f"{contract.TOPIC_ROOT}/#",
         *,
         persistent: bool = True,
@@ -127,10 +126,9 @@ class RecordingSubscriber:
         self.errors: list[str] = []
         self.subscribed = threading.Event()
         self._lock = threading.Lock()
-        self.client = mqtt.Client(
-            callback_api_version=CallbackAPIVersion.VERSION2,
-            client_id=client_id or f"{client_id_prefix}-{uuid.uuid4().hex[:10]}",
-            protocol=mqtt.MQTTv5,
+        options = BrokerOptions.from_url(mqtt_url)
+        self.client = options.paho_client(
+            client_id or f"{client_id_prefix}-{uuid.uuid4().hex[:10]}"
         )
         self.client.on_connect = self._on_connect
         self.client.on_message = self._on_message
@@ -138,7 +136,9 @@ class RecordingSubscriber:
         self.client.reconnect_delay_set(1, 1)
         props = Properties(PacketTypes.CONNECT)
         props.SessionExpiryInterval = session_expiry_s if persistent else 0
-        self.client.connect(host, port, clean_start=not persistent, properties=props)
+        self.client.connect(
+            options.host, options.port, clean_start=not persistent, properties=props
+        )
         self.client.loop_start()
         wait_until(self.subscribed.is_set, subscribe_timeout, "the subscription")
 

@@ -167,7 +167,7 @@ def sim_run(
         raise cli.UsageError(str(exc)) from None
     if pumps_per_connection < 1 or not 1 <= inflight <= 65_535:
         raise cli.UsageError("--pumps-per-connection must be >= 1 and --inflight in 1..65535")
-    settings = cli.settings(ctx)
+    settings = cli.settings(ctx, broker_account="fleet")
     broker = _broker(settings, "sim")
     dsn = settings.database_url.get_secret_value()
     baseline = 0
@@ -332,7 +332,7 @@ def sim_load(
         config.check()
     except ValueError as exc:
         raise cli.UsageError(str(exc)) from None
-    broker = _broker(cli.settings(ctx), "sim-load")
+    broker = _broker(cli.settings(ctx, broker_account="fleet"), "sim-load")
     last: list[LoadProgress] = []
     log.info(
         "sim load starting",

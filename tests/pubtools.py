@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import time
-import urllib.parse
 import uuid
 from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
 
 import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion
 
 from pumpfleet import contract
+from pumpfleet.broker import BrokerOptions
 from pumpfleet.testing import telemetry_fields
 
 BASE_TIME = datetime.now(UTC).replace(microsecond=0) - timedelta(days=1)
@@ -46,16 +45,13 @@ class Publisher:
     """A QoS 1 publisher that can wait until the broker acknowledged everything it sent."""
 
     def __init__(self, mqtt_url: str, client_id: str | None = None) -> None:
-        url = urllib.parse.urlsplit(mqtt_url)
-        self.client = mqtt.Client(
-            callback_api_version=CallbackAPIVersion.VERSION2,
-            client_id=client_id or f"test-pub-{uuid.uuid4().hex[:8]}",
-            protocol=mqtt.MQTTv5,
-        )
+        """`mqtt_url` carries the account (e.g. a stack's `mqtt_url_for("fleet")`)."""
+        options = BrokerOptions.from_url(mqtt_url)
+        self.client = options.paho_client(client_id or f"test-pub-{uuid.uuid4().hex[:8]}")
         self.client.max_inflight_messages_set(1000)
         self.client.max_queued_messages_set(0)
         self.client.reconnect_delay_set(0.1, 1)
-        self.client.connect(url.hostname or "127.0.0.1", url.port or 1883)
+        self.client.connect(options.host, options.port)
         self.client.loop_start()
         self.infos: list[mqtt.MQTTMessageInfo] = []
 
@@ -88,11 +84,9 @@ def _wait_info(info: mqtt.MQTTMessageInfo, timeout: float) -> bool:
 
 def forget_session(mqtt_url: str, client_id: str) -> None:
     """Remove a persistent session from the broker so it stops queueing for a finished test."""
-    url = urllib.parse.urlsplit(mqtt_url)
-    client = mqtt.Client(
-        callback_api_version=CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5
-    )
-    client.connect(url.hostname or "127.0.0.1", url.port or 1883, clean_start=True)
+    options = BrokerOptions.from_url(mqtt_url)
+    client = options.paho_client(client_id)
+    client.connect(options.host, options.port, clean_start=True)
     client.loop_start()
     deadline = time.monotonic() + 5
     while not client.is_connected() and time.monotonic() < deadline:

@@ -179,12 +179,9 @@ def _bad_messages() -> list[tuple[str, bytes]]:
 
 
 def _publish_bad(mqtt_url: str) -> None:
-    import paho.mqtt.client as mqtt
-    from paho.mqtt.enums import CallbackAPIVersion
-
-    host, port = mqtt_url.rsplit("/", 1)[-1].split(":")
-    client = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
-    client.connect(host, int(port))
+    options = BrokerOptions.from_url(mqtt_url)
+    client = options.paho_client(f"dash-bad-{uuid.uuid4().hex[:8]}")
+    client.connect(options.host, options.port)
     client.loop_start()
     try:
         for info in [client.publish(t, p, qos=1) for t, p in _bad_messages()]:
@@ -238,10 +235,9 @@ async def _fill(info: stack_mod.StackInfo, tmp: Path) -> Fleet:
                 30,
                 f"the active alerting instance ({log})",
             )
-        _publish_bad(info.mqtt_url)
-        host, mqtt_port = info.mqtt_url.rsplit("/", 1)[-1].split(":")
+        _publish_bad(info.mqtt_url_for("fleet"))
         stats = await asyncio.to_thread(
-            run_scenario, run, BrokerOptions(host=host, port=int(mqtt_port)), RunOptions()
+            run_scenario, run, BrokerOptions.from_url(info.mqtt_url_for("fleet")), RunOptions()
         )
         assert stats.acked == stats.published, stats
         expected = stats.published + len(_bad_messages())

@@ -49,7 +49,7 @@ def client_ids(stack: stack_mod.StackInfo) -> Any:
 
     yield new
     for cid in made:
-        forget_session(stack.mqtt_url, cid)
+        forget_session(stack.mqtt_url_for("ingest"), cid)
 
 
 def settings_for(
@@ -59,7 +59,7 @@ def settings_for(
     # opts in to registering them; tests/test_security.py covers the default, quarantine.
     return Settings(
         database_url=db_url,
-        mqtt={"url": stack_info.mqtt_url},
+        mqtt={"url": stack_info.mqtt_url_for("ingest")},
         ingest={
             "client_id": client_id,
             "metrics_port": 0,
@@ -100,7 +100,7 @@ async def wait_rows(
 
 
 def publish(stack_info: stack_mod.StackInfo, messages: Sequence[tuple[str, bytes]]) -> None:
-    pub = Publisher(stack_info.mqtt_url)
+    pub = Publisher(stack_info.mqtt_url_for("fleet"))
     try:
         pub.publish(messages)
         pub.wait_acked()

@@ -140,7 +140,7 @@ def client_ids(stack: stack_mod.StackInfo) -> Any:
 
     yield new
     for cid in made:
-        forget_session(stack.mqtt_url, cid)
+        forget_session(stack.mqtt_url_for("ingest"), cid)
 
 
 def settings_for(
@@ -148,7 +148,7 @@ def settings_for(
 ) -> Settings:
     return Settings(
         database_url=db_url,
-        mqtt={"url": stack.mqtt_url},
+        mqtt={"url": stack.mqtt_url_for("ingest")},
         ingest={"client_id": client_id, "metrics_port": None, "flush_ms": 50, **ingest},
         alerts={"metrics_port": None},
     )
@@ -167,7 +167,7 @@ async def running(settings: Settings) -> AsyncIterator[Ingester]:
 
 
 def publish(stack: stack_mod.StackInfo, messages: Sequence[tuple[str, bytes]]) -> None:
-    pub = Publisher(stack.mqtt_url)
+    pub = Publisher(stack.mqtt_url_for("fleet"))
     try:
         pub.publish(messages)
         pub.wait_acked(120)

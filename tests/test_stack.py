@@ -17,6 +17,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from pumpfleet import stack as stack_mod
+from pumpfleet.broker import BrokerOptions
 from pumpfleet.stack import StackError, StackInfo
 
 pytestmark = pytest.mark.integration
@@ -34,6 +35,7 @@ class Client:
         *,
         persistent: bool,
         protocol: MQTTProtocolVersion = mqtt.MQTTv311,
+        account: str = "ingest",
     ) -> None:
         self.info = info
         self.persistent = persistent
@@ -47,6 +49,8 @@ class Client:
             protocol=protocol,
             **kwargs,
         )
+        options = BrokerOptions.from_url(info.mqtt_url_for(account))
+        self.client.username_pw_set(options.username, options.password)
         self.client.max_inflight_messages_set(1000)
         self.cond = threading.Condition()
         self.connected = False
@@ -130,9 +134,9 @@ def _pid_gone(pid: int) -> bool:
 
 
 def test_broker_round_trips_a_qos1_message(stack: StackInfo) -> None:
-    topic = f"test/{uuid.uuid4().hex}"
+    topic = f"pumps/T-{uuid.uuid4().hex[:12]}/telemetry"
     sub = Client(stack, f"sub-{uuid.uuid4().hex}", persistent=False).connect()
-    pub = Client(stack, f"pub-{uuid.uuid4().hex}", persistent=False).connect()
+    pub = Client(stack, f"pub-{uuid.uuid4().hex}", persistent=False, account="fleet").connect()
     try:
         sub.subscribe(topic)
         pub.publish_all(topic, [b"hello pump"])
@@ -182,7 +186,12 @@ def test_info_urls_and_environment(stack: StackInfo) -> None:
     assert stack.mqtt_url == f"mqtt://127.0.0.1:{stack.mqtt_port}"
     env = stack.to_env()
     assert env["PUMPFLEET_DATABASE_URL"] == stack.database_url
-    assert env["PUMPFLEET_MQTT__URL"] == stack.mqtt_url
+    assert env["PUMPFLEET_MQTT__URL"] == stack.mqtt_url_for("ingest")
+    assert "pumpfleet-ingest:" in env["PUMPFLEET_MQTT__URL"]
+    ingest = stack.env_for("ingest")
+    assert ingest["PUMPFLEET_DATABASE_URL"].startswith("postgresql://pumpfleet_ingest_local@")
+    assert stack.env_for("alerting")["PUMPFLEET_MQTT__URL"] == stack.mqtt_url  # no broker use
+    assert "pumpfleet-fleet:" in stack.env_for("fleet")["PUMPFLEET_MQTT__URL"]
     assert stack_mod.load(stack.run_dir) == stack
 
 
@@ -216,13 +225,13 @@ def test_persistent_session_keeps_1500_messages_across_a_broker_restart(
     # is raised, and the restart proves they are written to disk on a clean stop.
     count = 1500
     client_id = f"persistent-{uuid.uuid4().hex}"
-    topic = f"test/{uuid.uuid4().hex}"
+    topic = f"pumps/T-{uuid.uuid4().hex[:12]}/telemetry"
     try:
         sub = Client(stack, client_id, persistent=True, protocol=protocol).connect()
         sub.subscribe(topic)
         sub.close()
 
-        pub = Client(stack, f"pub-{uuid.uuid4().hex}", persistent=False).connect()
+        pub = Client(stack, f"pub-{uuid.uuid4().hex}", persistent=False, account="fleet").connect()
         pub.publish_all(topic, [f"m{i}".encode() for i in range(count)])
         pub.close()
 

@@ -52,12 +52,11 @@ class Subscriber(RecordingSubscriber):
     """
 
     def __init__(
-        self, host: str, port: int, pump_id: str, *, persistent: bool = True, name: str = ""
+        self, mqtt_url: str, pump_id: str, *, persistent: bool = True, name: str = ""
     ) -> None:
         self.pump_id = pump_id
         super().__init__(
-            host,
-            port,
+            mqtt_url,
             f"{contract.TOPIC_ROOT}/{pump_id}/#",
             persistent=persistent,
             client_id=f"test-sub-{name}" if name else None,
@@ -65,8 +64,9 @@ class Subscriber(RecordingSubscriber):
 
 
 @contextmanager
-def subscriber(host: str, port: int, pump_id: str, **kw: Any) -> Iterator[Subscriber]:
-    sub = Subscriber(host, port, pump_id, **kw)
+def subscriber(mqtt_url: str, pump_id: str, **kw: Any) -> Iterator[Subscriber]:
+    """`mqtt_url` carries a reading account, e.g. a stack's `mqtt_url_for("ingest")`."""
+    sub = Subscriber(mqtt_url, pump_id, **kw)
     try:
         yield sub
     finally:

@@ -35,7 +35,7 @@ def new_pump() -> str:
 
 
 def options(info: StackInfo) -> BrokerOptions:
-    return BrokerOptions(host=info.mqtt_host, port=info.mqtt_port, keepalive_s=5)
+    return BrokerOptions.from_url(info.mqtt_url_for("fleet"), keepalive_s=5)
 
 
 def fast_agent(driver: object, store: Store, where: StackInfo | BrokerOptions) -> Agent:
@@ -106,7 +106,7 @@ def test_publishes_what_the_driver_produced_valid_and_consecutive(
         ),
     )  # a driver bug
     driver = ScriptedDriver(pump, observations)
-    with subscriber(broker.mqtt_host, broker.mqtt_port, pump, persistent=False) as sub:
+    with subscriber(broker.mqtt_url_for("ingest"), pump, persistent=False) as sub:
         with Store(tmp_path / "q.sqlite3", pump) as store:
             agent = fast_agent(driver, store, broker)
             with agent_thread(agent):
@@ -136,7 +136,7 @@ def test_broker_outage_replays_every_queued_message_in_order(
 ) -> None:
     pump = new_pump()
     driver = ConstantPump(pump, start=datetime.now(UTC), reporting_interval_s=0.02)
-    with subscriber(broker.mqtt_host, broker.mqtt_port, pump) as sub:
+    with subscriber(broker.mqtt_url_for("ingest"), pump) as sub:
         with Store(tmp_path / "q.sqlite3", pump) as store:
             agent = fast_agent(driver, store, broker)
             with agent_thread(agent):
@@ -158,7 +158,7 @@ def test_sigkill_with_a_backlog_loses_nothing(broker: StackInfo, tmp_path: Path)
     pump = new_pump()
     db = tmp_path / f"{pump}.sqlite3"
     stop_broker(broker)
-    first = AgentProcess(broker.mqtt_url, pump, tmp_path, "--interval-s", "0.02")
+    first = AgentProcess(broker.mqtt_url_for("fleet"), pump, tmp_path, "--interval-s", "0.02")
     try:
         wait_until(lambda: len(queued_seqs(db)) >= 100, 30, "a backlog of 100 on disk")
     finally:
@@ -168,8 +168,8 @@ def test_sigkill_with_a_backlog_loses_nothing(broker: StackInfo, tmp_path: Path)
         range(1, before[-1] + 1)
     ) - {2, 3}, "data 1, the reserved status pair 2-3, then data: all on disk"
     start_broker(broker)
-    with subscriber(broker.mqtt_host, broker.mqtt_port, pump) as sub:
-        second = AgentProcess(broker.mqtt_url, pump, tmp_path, "--interval-s", "0.5")
+    with subscriber(broker.mqtt_url_for("ingest"), pump) as sub:
+        second = AgentProcess(broker.mqtt_url_for("fleet"), pump, tmp_path, "--interval-s", "0.5")
         try:
             wait_until(lambda: set(before) <= sub.seqs(), 60, "the killed agent's backlog")
         finally:
@@ -184,13 +184,13 @@ def test_sigkill_with_a_backlog_loses_nothing(broker: StackInfo, tmp_path: Path)
 
 def test_last_will_says_offline_when_the_agent_dies(broker: StackInfo, tmp_path: Path) -> None:
     pump = new_pump()
-    with subscriber(broker.mqtt_host, broker.mqtt_port, pump, persistent=False) as live:
-        proc = AgentProcess(broker.mqtt_url, pump, tmp_path, "--interval-s", "1")
+    with subscriber(broker.mqtt_url_for("ingest"), pump, persistent=False) as live:
+        proc = AgentProcess(broker.mqtt_url_for("fleet"), pump, tmp_path, "--interval-s", "1")
         try:
             online = status_of(wait_until(lambda: live.statuses(), 20, "online")[0])
             assert online.online is True
             # Retained: a subscriber arriving later is told at once, with the retain flag.
-            with subscriber(broker.mqtt_host, broker.mqtt_port, pump, persistent=False) as late:
+            with subscriber(broker.mqtt_url_for("ingest"), pump, persistent=False) as late:
                 got = wait_until(lambda: late.statuses(), 10, "the retained status")[0]
                 assert got.retain and status_of(got).online is True
                 assert got.seq == online.seq
@@ -198,7 +198,7 @@ def test_last_will_says_offline_when_the_agent_dies(broker: StackInfo, tmp_path:
             proc.kill()
         will = status_of(wait_until(lambda: live.statuses()[1:], 20, "the will")[0])
         assert (will.online, will.reason, will.seq) == (False, WILL_REASON, online.seq + 1)
-        with subscriber(broker.mqtt_host, broker.mqtt_port, pump, persistent=False) as late:
+        with subscriber(broker.mqtt_url_for("ingest"), pump, persistent=False) as late:
             got = wait_until(lambda: late.statuses(), 10, "the retained will")[0]
             assert got.retain and json.loads(got.payload)["online"] is False
 
@@ -207,8 +207,8 @@ def test_clean_stop_publishes_retained_offline_and_no_will(
     broker: StackInfo, tmp_path: Path
 ) -> None:
     pump = new_pump()
-    with subscriber(broker.mqtt_host, broker.mqtt_port, pump, persistent=False) as live:
-        proc = AgentProcess(broker.mqtt_url, pump, tmp_path, "--interval-s", "1")
+    with subscriber(broker.mqtt_url_for("ingest"), pump, persistent=False) as live:
+        proc = AgentProcess(broker.mqtt_url_for("fleet"), pump, tmp_path, "--interval-s", "1")
         try:
             wait_until(lambda: live.statuses() and live.data(), 20, "online and telemetry")
         finally:
@@ -216,7 +216,7 @@ def test_clean_stop_publishes_retained_offline_and_no_will(
         statuses = wait_until(lambda: live.statuses()[1:] and live.statuses(), 10, "offline")
         online, offline = (status_of(r) for r in statuses)
         assert (offline.online, offline.reason, offline.seq) == (False, STOP_REASON, online.seq + 1)
-        with subscriber(broker.mqtt_host, broker.mqtt_port, pump, persistent=False) as late:
+        with subscriber(broker.mqtt_url_for("ingest"), pump, persistent=False) as late:
             got = wait_until(lambda: late.statuses(), 10, "the retained status")[0]
             assert got.retain and status_of(got).reason == STOP_REASON
         assert [status_of(r).reason for r in live.statuses()] == [None, STOP_REASON]
@@ -234,7 +234,7 @@ def test_transport_faults_from_the_driver_duplicate_and_delay(
         Observation("telemetry", t0 + timedelta(minutes=1), telemetry_fields(14.9), delay_s=1.0),
         Observation("telemetry", t0 + timedelta(minutes=2), telemetry_fields(14.8)),
     ]
-    with subscriber(broker.mqtt_host, broker.mqtt_port, pump, persistent=False) as sub:
+    with subscriber(broker.mqtt_url_for("ingest"), pump, persistent=False) as sub:
         with Store(tmp_path / "q.sqlite3", pump) as store:
             agent = fast_agent(ScriptedDriver(pump, observations), store, broker)
             with agent_thread(agent):
@@ -260,7 +260,7 @@ def test_a_rejected_puback_keeps_the_message_on_disk_and_the_will_says_why(
     caplog.set_level(logging.INFO, logger="device_agent")
     with (
         own_broker(tmp_path, acl, "max_inflight_messages 7") as port,
-        subscriber("127.0.0.1", port, pump, persistent=False) as sub,
+        subscriber(f"mqtt://127.0.0.1:{port}", pump, persistent=False) as sub,
         Store(tmp_path / "q.sqlite3", pump) as store,
     ):
         broker = BrokerOptions(port=port, keepalive_s=5)

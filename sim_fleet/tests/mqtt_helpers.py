@@ -17,17 +17,16 @@ class FleetSubscriber(RecordingSubscriber):
     A persistent session, so what is published while the broker restarts is queued for it.
     """
 
-    def __init__(self, host: str, port: int, topic_filter: str = "pumps/#") -> None:
+    def __init__(self, mqtt_url: str, topic_filter: str = "pumps/#") -> None:
         super().__init__(
-            host, port, topic_filter, session_expiry_s=600, client_id_prefix="sim-test-sub"
+            mqtt_url, topic_filter, session_expiry_s=600, client_id_prefix="sim-test-sub"
         )
 
 
 @contextmanager
-def fleet_subscriber(
-    host: str, port: int, topic_filter: str = "pumps/#"
-) -> Iterator[FleetSubscriber]:
-    sub = FleetSubscriber(host, port, topic_filter)
+def fleet_subscriber(mqtt_url: str, topic_filter: str = "pumps/#") -> Iterator[FleetSubscriber]:
+    """`mqtt_url` carries a reading account, e.g. a stack's `mqtt_url_for("ingest")`."""
+    sub = FleetSubscriber(mqtt_url, topic_filter)
     try:
         yield sub
     finally:

@@ -64,7 +64,7 @@ def test_user_errors_are_one_line(
 def command(broker: StackInfo, tmp_path: Path, *argv: str) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("PUMPFLEET_")}
     env.update(
-        PUMPFLEET_MQTT__URL=broker.mqtt_url,
+        PUMPFLEET_MQTT__URL=broker.mqtt_url_for("fleet"),
         PUMPFLEET_CONFIG=str(tmp_path / "none.toml"),
         PUMPFLEET_RUN_DIR=str(tmp_path),
     )

@@ -48,7 +48,7 @@ def wire_scenario(speed: str) -> Scenario:
 
 
 def options(info: StackInfo) -> BrokerOptions:
-    return BrokerOptions(host=info.mqtt_host, port=info.mqtt_port, keepalive_s=5)
+    return BrokerOptions.from_url(info.mqtt_url_for("fleet"), keepalive_s=5)
 
 
 def model_output(
@@ -87,7 +87,7 @@ def test_sim_run_delivers_every_non_lost_observation_exactly_as_the_model_made_i
     assert sum(o.lost for o in made.values()) >= 3 and any(o.duplicate for o in made.values())
     assert any(o.delay_s for o in made.values()) and len(made) > 600
 
-    with fleet_subscriber(broker.mqtt_host, broker.mqtt_port) as sub:
+    with fleet_subscriber(broker.mqtt_url_for("ingest")) as sub:
         stats = run_scenario(
             run, options(broker), RunOptions(seq_start=first, pumps_per_connection=2)
         )
@@ -114,7 +114,7 @@ def test_sim_run_delivers_every_non_lost_observation_exactly_as_the_model_made_i
         order.index(k) > order.index((k[0], k[1] + 1)) for k in delayed if (k[0], k[1] + 1) in want
     ), "a held-back message arrived after its successor"
     # Retained status: a late subscriber sees pump 4's latest (back online after the silence).
-    with fleet_subscriber(broker.mqtt_host, broker.mqtt_port, "pumps/P-000004/status") as late:
+    with fleet_subscriber(broker.mqtt_url_for("ingest"), "pumps/P-000004/status") as late:
         status = wait_until(lambda: late.snapshot(), 10, "the retained status")[0]
     assert status.retain and status.key[1] >= first
     assert isinstance(status.message, contract.Status) and status.message.online
@@ -127,7 +127,7 @@ def test_sim_run_resends_what_a_broker_restart_cut_off(broker: StackInfo) -> Non
     first = seq_base()
     want = expected_copies(model_output(scenario, now, first))
     result: list[RunStats] = []
-    with fleet_subscriber(broker.mqtt_host, broker.mqtt_port) as sub:
+    with fleet_subscriber(broker.mqtt_url_for("ingest")) as sub:
         thread = threading.Thread(
             target=lambda: result.append(
                 run_scenario(run, options(broker), RunOptions(seq_start=first))
@@ -156,7 +156,7 @@ def test_sim_load_small_acked_equals_sent_and_every_message_arrives_once(
         pumps=40, rate=2000, duration_s=1.5, processes=2, connections=1, id_prefix=prefix
     )
     seen: list[Progress] = []
-    with fleet_subscriber(broker.mqtt_host, broker.mqtt_port, "pumps/+/telemetry") as sub:
+    with fleet_subscriber(broker.mqtt_url_for("ingest"), "pumps/+/telemetry") as sub:
         report = run_load(config, options(broker), seen.append, progress_every_s=0.2)
         mine = lambda: [r for r in sub.snapshot() if r.key[0].startswith(prefix)]  # noqa: E731
         wait_until(lambda: len(mine()) >= report.sent, 20, "every load message")

@@ -5,16 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import json
-import urllib.parse
 import uuid
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
-import paho.mqtt.client as mqtt
 import pytest
-from paho.mqtt.enums import CallbackAPIVersion
 from pydantic import ValidationError
 
 from ingest import Ingester
@@ -25,6 +22,7 @@ from ingest.alerts.tests.helpers import T0, finding
 from ingest.store import prepare, write_batch
 from pumpfleet import contract
 from pumpfleet import stack as stack_mod
+from pumpfleet.broker import BrokerOptions
 from pumpfleet.contract import Message
 from pumpfleet.findings import Finding
 from pumpfleet.settings import Settings
@@ -292,7 +290,7 @@ async def test_the_ingester_hands_committed_messages_to_alerting(
     client_id = f"alerts-test-{uuid.uuid4().hex[:8]}"
     s = Settings(
         database_url=db,
-        mqtt={"url": broker.mqtt_url},
+        mqtt={"url": broker.mqtt_url_for("ingest")},
         ingest={"client_id": client_id, "metrics_port": None, "flush_ms": 20},
         alerts={"retry_min_s": 0.05},
     )
@@ -300,11 +298,11 @@ async def test_the_ingester_hands_committed_messages_to_alerting(
     await alerting.start()
     ingester = Ingester(s, alerting.on_commit)
     task = asyncio.create_task(ingester.run())
-    url = urllib.parse.urlsplit(broker.mqtt_url)
-    pub = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+    fleet = BrokerOptions.from_url(broker.mqtt_url_for("fleet"))
+    pub = fleet.paho_client(f"alerts-pub-{uuid.uuid4().hex[:8]}")
     try:
         await ingester.wait_connected(timeout=20)
-        pub.connect(url.hostname or "127.0.0.1", url.port or 1883)
+        pub.connect(fleet.host, fleet.port)
         pub.loop_start()
         for seq, ml in ((1, 2.5), (2, 1.9), (2, 1.9), (3, 1.8)):  # seq 2 twice: a redelivery
             msg = telemetry("P-3", seq, ml)
@@ -327,16 +325,14 @@ async def test_the_ingester_hands_committed_messages_to_alerting(
         ingester.stop()
         await asyncio.wait_for(task, timeout=30)
         await alerting.close()
-        stack_mod_forget(broker.mqtt_url, client_id)
+        stack_mod_forget(broker.mqtt_url_for("ingest"), client_id)
 
 
 def stack_mod_forget(mqtt_url: str, client_id: str) -> None:
     """Drop the test ingester's persistent session so the broker stops queueing for it."""
-    url = urllib.parse.urlsplit(mqtt_url)
-    c = mqtt.Client(
-        callback_api_version=CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5
-    )
-    c.connect(url.hostname or "127.0.0.1", url.port or 1883, clean_start=True)
+    options = BrokerOptions.from_url(mqtt_url)
+    c = options.paho_client(client_id)
+    c.connect(options.host, options.port, clean_start=True)
     c.disconnect()
 
 

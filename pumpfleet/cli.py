@@ -192,6 +192,13 @@ def _pumps_provision(
             "--client-cert", help="also issue a client certificate from the stack's development CA"
         ),
     ] = False,
+    keep_existing: Annotated[
+        bool,
+        typer.Option(
+            "--keep-existing",
+            help="a pump provisioned before with its file in --out is left as it is (exit 0)",
+        ),
+    ] = False,
 ) -> None:
     from pumpfleet import contract as contract_mod
     from pumpfleet import provision
@@ -199,6 +206,20 @@ def _pumps_provision(
     if not re.fullmatch(contract_mod.PUMP_ID_PATTERN, pump_id):
         raise UsageError(f"{pump_id!r}: a pump id is letters, digits, - and _ (at most 64)")
     s, admin = _admin(ctx)
+    if keep_existing and (out / f"{pump_id}.json").is_file():
+        from pumpfleet import brokerauth
+
+        def provisioned() -> bool:
+            with brokerauth.Admin(admin) as broker:
+                return broker.has_pump(pump_id)
+
+        try:
+            present = provisioned()
+        except brokerauth.BrokerAuthError as exc:
+            raise UsageError(str(exc)) from None
+        if present:
+            print(f"{pump_id} is provisioned and {out / f'{pump_id}.json'} exists: left as it is")
+            return
     if s.provisioning.pump_url is None:
         raise UsageError(
             "PUMPFLEET_PROVISIONING__PUMP_URL is not set: the broker URL pumps use (mqtts://...)"

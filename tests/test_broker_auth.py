@@ -313,6 +313,9 @@ async def test_provision_an_agent_over_tls_then_revoke_it_while_connected(
 
     again = _cli(broker, db_url, "pumps", "provision", pump_id, "--out", str(out))
     _one_line_error(again, pump_id, "provisioned already")
+    kept = _cli(broker, db_url, "pumps", "provision", pump_id, "--out", str(out), "--keep-existing")
+    assert kept.returncode == 0 and "left as it is" in kept.stdout, kept.stderr
+    assert json.loads(path.read_text()) == creds  # the file and its password are unchanged
 
     # The agent reads the file and publishes over TLS; a subscriber sees its readings.
     watcher = RecordingSubscriber(

@@ -26,7 +26,7 @@ from pumpfleet.cli import command
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = ROOT / "docker-compose.yml"
-ONE_SHOT = {"migrate", "sim-register", "sim"}
+ONE_SHOT = {"migrate", "sim-register", "sim", "broker-accounts", "broker-certs", "agent-provision"}
 CONDITIONS = {"service_started", "service_healthy", "service_completed_successfully"}
 
 
@@ -240,3 +240,25 @@ def test_the_grafana_login_can_read_the_dashboards_and_nothing_more(
     asyncio.run(as_grafana())
     # Idempotent: migrating again (another database of the same cluster too) keeps the role.
     assert asyncio.run(schema.migrate(database_url)) == []
+
+
+def test_every_broker_login_has_an_account_and_none_is_anonymous() -> None:
+    services = _services()
+    for name, svc in services.items():
+        url = svc.get("environment", {}).get("PUMPFLEET_MQTT__URL")
+        if url is not None:
+            assert re.match(r"mqtts?://pumpfleet-(ingest|fleet):\$\{", url), f"{name}: {url}"
+    assert services["sim"]["environment"]["PUMPFLEET_MQTT__URL"].startswith(
+        "mqtt://pumpfleet-fleet:"
+    )
+    assert services["ingest"]["environment"]["PUMPFLEET_MQTT__URL"].startswith(
+        "mqtt://pumpfleet-ingest:"
+    )
+    agent = services["agent"]["command"]
+    assert "--credentials" in agent and "--pump-id" not in agent
+    assert _depends(services["agent"]) == {"agent-provision": "service_completed_successfully"}
+    assert _depends(services["mosquitto"]) == {
+        "broker-accounts": "service_completed_successfully",
+        "broker-certs": "service_completed_successfully",
+    }
+    assert {"1883", "8883", "8884"} <= {p.split(":")[-1] for p in services["mosquitto"]["ports"]}

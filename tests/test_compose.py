@@ -262,3 +262,65 @@ def test_every_broker_login_has_an_account_and_none_is_anonymous() -> None:
         "broker-certs": "service_completed_successfully",
     }
     assert {"1883", "8883", "8884"} <= {p.split(":")[-1] for p in services["mosquitto"]["ports"]}
+
+
+@pytest.mark.integration
+def test_the_ingest_and_alerting_logins_do_their_jobs_and_nothing_more(
+    stack: stack_mod.StackInfo, database_url: str
+) -> None:
+    """The service-logins init script, then the migrations, as the container runs them; then
+    each service's login, as compose's ingester and alerting connect."""
+    suffix = uuid.uuid4().hex[:8]
+    users = {"ingest": f"ingest_{suffix}", "alerting": f"alerting_{suffix}"}
+    database = database_url.rsplit("/", 1)[1]
+    env = {
+        **os.environ,
+        "PGHOST": stack.pg_host,
+        "PGPORT": str(stack.pg_port),
+        "POSTGRES_USER": stack.pg_user,
+        "POSTGRES_DB": database,
+        "PUMPFLEET_INGEST_DB_USER": users["ingest"],
+        "PUMPFLEET_INGEST_DB_PASSWORD": "test-only",
+        "PUMPFLEET_ALERTING_DB_USER": users["alerting"],
+        "PUMPFLEET_ALERTING_DB_PASSWORD": "test-only",
+    }
+    script = ROOT / "deploy" / "postgres" / "initdb" / "20-service-logins.sh"
+    done = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    asyncio.run(schema.migrate(database_url))
+    services = _services()
+    for service, group in (("ingest", "ingest"), ("alerting", "alerting")):
+        url = services[service]["environment"]["PUMPFLEET_DATABASE_URL"]
+        assert url.startswith(f"postgresql://pumpfleet_{group}_svc:"), url
+
+    async def check() -> None:
+        def connect(role: str) -> Any:
+            return asyncpg.connect(
+                host=stack.pg_host, port=stack.pg_port, user=users[role], database=database
+            )
+
+        ingest = await connect("ingest")
+        try:
+            await ingest.fetch("SELECT pump_id FROM pumps LIMIT 1")
+            await ingest.execute(
+                "INSERT INTO dead_letter (topic, payload, reason) VALUES ('t', 'x', 'test')"
+            )
+            with pytest.raises(asyncpg.InsufficientPrivilegeError):
+                await ingest.execute("INSERT INTO pumps (pump_id) VALUES ('X-1')")
+            with pytest.raises(asyncpg.InsufficientPrivilegeError):
+                await ingest.fetch("SELECT * FROM alerts LIMIT 1")
+            with pytest.raises(asyncpg.InsufficientPrivilegeError):
+                await ingest.execute("CREATE TABLE evil (x int)")
+        finally:
+            await ingest.close()
+        alerting = await connect("alerting")
+        try:
+            await alerting.fetch("SELECT * FROM alerts LIMIT 1")
+            with pytest.raises(asyncpg.InsufficientPrivilegeError):
+                await alerting.execute("DELETE FROM alert_history")
+            with pytest.raises(asyncpg.InsufficientPrivilegeError):
+                await alerting.execute("INSERT INTO pumps (pump_id) VALUES ('X-2')")
+        finally:
+            await alerting.close()
+
+    asyncio.run(check())

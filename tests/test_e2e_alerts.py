@@ -45,6 +45,7 @@ class Pipeline:
         self, info: stack_mod.StackInfo, dsn: str, am_url: str, log: Path, alerting: int = 1
     ) -> None:
         self.port = stack_mod.free_port()
+        self.fleet_url = info.mqtt_url_for("fleet")  # the simulator publishes as the fleet
         self.alerting_ports = [stack_mod.free_port() for _ in range(alerting)]
         self.env = {
             **os.environ,
@@ -101,7 +102,7 @@ class Pipeline:
     def sim(self, *args: str, timeout: float) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
             [sys.executable, "-m", "pumpfleet.cli", "sim", "run", *args],
-            env=self.env,
+            env={**self.env, "PUMPFLEET_MQTT__URL": self.fleet_url},
             capture_output=True,
             text=True,
             timeout=timeout,

@@ -119,21 +119,45 @@ def test_the_preferred_port_is_used_when_free() -> None:
     assert port != preferred
 
 
-def _settings(text: str) -> dict[str, str]:
+def _settings(text: str) -> list[tuple[str, str]]:
+    """(key, value) in order: a listener's options follow its `listener` line."""
     pairs = (line.split(maxsplit=1) for line in text.splitlines() if line and line[0] != "#")
-    return {key: value for key, value in pairs}
+    return [(key, value) for key, value in pairs]
 
 
-def test_the_local_broker_runs_deploys_configuration_with_its_own_port_and_paths(
+LOCAL_KEYS = {
+    "listener",
+    "cafile",
+    "certfile",
+    "keyfile",
+    "plugin",
+    "plugin_opt_config_file",
+    "persistence_location",
+    "log_dest",
+}
+
+
+def test_the_local_broker_runs_deploys_configuration_with_its_own_ports_and_paths(
     tmp_path: Path,
 ) -> None:
     deployed = _settings((ROOT / "deploy" / "mosquitto.conf").read_text())
-    local = _settings(stack_mod._mosquitto_conf(tmp_path, 18830))
-    assert local.pop("listener") == f"18830 {HOST}"
-    assert local.pop("persistence_location") == f"{tmp_path / 'mosquitto'}/"
-    assert local.pop("log_dest") == f"file {tmp_path / 'mosquitto.log'}"
-    local.pop("user", None)  # `user root` when run as root
-    for key in ("listener", "persistence_location", "log_dest"):
-        deployed.pop(key)
-    assert local == deployed
-    assert deployed["max_queued_messages"] == "10000000"  # not mosquitto's 1000
+    rendered = _settings(stack_mod._mosquitto_conf(tmp_path, (18830, 18831, 18832)))
+    rendered = [(k, v) for k, v in rendered if k != "user"]  # `user root` when run as root
+    assert [k for k, _ in rendered] == [k for k, _ in deployed]  # same options, same order
+    local = dict(rendered)
+    assert [v for k, v in rendered if k == "listener"] == [
+        f"18830 {HOST}",
+        f"18831 {HOST}",
+        f"18832 {HOST}",
+    ]
+    assert local["persistence_location"] == f"{tmp_path / 'mosquitto'}/"
+    assert local["log_dest"] == f"file {tmp_path / 'mosquitto.log'}"
+    assert local["plugin_opt_config_file"] == str(tmp_path / "mosquitto" / "dynamic-security.json")
+    assert Path(local["plugin"]).is_file()
+    assert {v for k, v in rendered if k == "certfile"} == {str(tmp_path / "tls" / "server.crt")}
+    for (key, value), (_, shipped) in zip(rendered, deployed, strict=True):
+        if key not in LOCAL_KEYS:
+            assert value == shipped, key  # everything else exactly as deployed
+    deployed_settings = dict(deployed)
+    assert deployed_settings["allow_anonymous"] == "false"
+    assert deployed_settings["max_queued_messages"] == "10000000"  # not mosquitto's 1000

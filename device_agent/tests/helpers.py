@@ -141,13 +141,37 @@ def past(seconds: float) -> timedelta:
     return timedelta(seconds=seconds)
 
 
+OWN_USER, OWN_PASSWORD = "agent-test", "agent-test-password"
+
+
 @contextmanager
 def own_broker(tmp_path: Path, acl: str, *conf: str) -> Iterator[int]:
-    """A mosquitto of this test's own on a free port, with `acl` as its ACL file and `conf` as
-    further config lines (no persistence); yields its port."""
+    """A mosquitto of this test's own on a free port, with `acl` as the ACL of its one account
+    (OWN_USER / OWN_PASSWORD, no anonymous access) and `conf` as further config lines (no
+    persistence); yields its port."""
     port = free_port()
-    (tmp_path / "acl").write_text(acl)
-    lines = [f"listener {port} 127.0.0.1", "allow_anonymous true", f"acl_file {tmp_path / 'acl'}"]
+    (tmp_path / "acl").write_text(f"user {OWN_USER}\n{acl}")
+    passwd = tmp_path / "passwd"
+    made = subprocess.run(
+        [
+            shutil.which("mosquitto_passwd") or "/usr/bin/mosquitto_passwd",
+            "-b",
+            "-c",
+            str(passwd),
+            OWN_USER,
+            OWN_PASSWORD,
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert made.returncode == 0, made.stderr
+    lines = [
+        f"listener {port} 127.0.0.1",
+        "allow_anonymous false",
+        f"password_file {passwd}",
+        f"acl_file {tmp_path / 'acl'}",
+    ]
     lines += [*conf, *(["user root"] if os.geteuid() == 0 else [])]
     (tmp_path / "mosquitto.conf").write_text("\n".join(lines) + "\n")
     binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"

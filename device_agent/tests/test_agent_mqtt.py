@@ -18,6 +18,8 @@ from pumpfleet.stack import StackInfo, start_broker, stop_broker
 from pumpfleet.testing import Received, telemetry_fields, wait_until
 
 from .helpers import (
+    OWN_PASSWORD,
+    OWN_USER,
     AgentProcess,
     ScriptedDriver,
     Subscriber,
@@ -260,10 +262,12 @@ def test_a_rejected_puback_keeps_the_message_on_disk_and_the_will_says_why(
     caplog.set_level(logging.INFO, logger="device_agent")
     with (
         own_broker(tmp_path, acl, "max_inflight_messages 7") as port,
-        subscriber(f"mqtt://127.0.0.1:{port}", pump, persistent=False) as sub,
+        subscriber(
+            f"mqtt://{OWN_USER}:{OWN_PASSWORD}@127.0.0.1:{port}", pump, persistent=False
+        ) as sub,
         Store(tmp_path / "q.sqlite3", pump) as store,
     ):
-        broker = BrokerOptions(port=port, keepalive_s=5)
+        broker = BrokerOptions(port=port, keepalive_s=5, username=OWN_USER, password=OWN_PASSWORD)
         agent = fast_agent(ScriptedDriver(pump, observations), store, broker)
         with agent_thread(agent, flush_timeout_s=0.5):
             wait_until(lambda: agent.stats.rejected >= 2, 20, "two rejections, one per connection")

@@ -240,7 +240,8 @@ def _pumps_provision(
             pump_id=pump_id,
             database_url=s.database_url.get_secret_value(),
             admin=admin,
-            pump_broker_url=s.provisioning.pump_url,
+            pump_broker_url=(client_cert and s.provisioning.pump_mtls_url)
+            or s.provisioning.pump_url,
             out_dir=out,
             ca_pem=ca_pem,
             capacity_ml=capacity_ml,

@@ -54,6 +54,10 @@ class ProvisioningSettings(BaseModel):
     pump_url: str | None = Field(
         default=None, description="the broker URL written into pumps' credentials (mqtts://)"
     )
+    pump_mtls_url: str | None = Field(
+        default=None,
+        description="the URL for pumps provisioned with a client certificate (default pump_url)",
+    )
     pump_ca: Path | None = Field(
         default=None, description="CA bundle given to pumps inline (default: system trust)"
     )
@@ -240,6 +244,7 @@ class _StackSource(PydanticBaseSettingsSource):
             "provisioning": {
                 "admin_url": info.mqtt_url_for("admin") if info.mqtt_passwords else None,
                 "pump_url": info.mqtts_url if info.mqtts_port else None,
+                "pump_mtls_url": info.mqtt_mtls_url if info.mqtt_mtls_port else None,
                 "pump_ca": info.tls_ca if info.mqtts_port else None,
             },
         }

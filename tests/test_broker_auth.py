@@ -22,7 +22,7 @@ import asyncpg
 import pytest
 from pubtools import telemetry
 
-from pumpfleet import brokerauth, contract, schema
+from pumpfleet import brokerauth, contract, provision, schema
 from pumpfleet import stack as stack_mod
 from pumpfleet.broker import BrokerOptions
 from pumpfleet.testing import RecordingSubscriber, wait_until
@@ -451,3 +451,27 @@ def test_the_plugin_file_denies_by_default_and_hashes_passwords() -> None:
         brokerauth.config({"ingest": "x"})
     with pytest.raises(brokerauth.BrokerAuthError):
         brokerauth.pump_topic_filter("P/#")
+
+
+async def test_a_pump_provisioned_with_a_client_certificate_connects_with_it(
+    broker: stack_mod.StackInfo, db_url: str, tmp_path: Path, conns: list[Conn]
+) -> None:
+    pump_id = f"SEC-{uuid.uuid4().hex[:10]}"
+    out = tmp_path / "creds"
+    made = _cli(broker, db_url, "pumps", "provision", pump_id, "--out", str(out), "--client-cert")
+    assert made.returncode == 0, made.stderr
+    creds = provision.read_credentials(out / f"{pump_id}.json")
+    assert creds.broker_url == broker.mqtt_mtls_url
+    for name in (creds.client_cert, creds.client_key):
+        assert name and stat.S_IMODE((out / name).stat().st_mode) == 0o600
+    options = creds.broker_options(base=out)
+    c = _conn(conns, options, "mtls")
+    assert str(c.connect()) == "Success"
+    assert not c.publish(*_reading(pump_id, 1)).is_failure
+    without = BrokerOptions(**{**options.__dict__, "tls_cert": None, "tls_key": None})
+    refused = _conn(conns, without, "mtls-no-cert")
+    try:
+        outcome = str(refused.connect())
+    except (ssl.SSLError, OSError) as exc:
+        outcome = f"handshake failed: {exc}"
+    assert outcome != "Success"

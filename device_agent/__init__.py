@@ -3,10 +3,10 @@ nothing while offline. See README.md in this folder."""
 
 from pumpfleet.broker import BrokerOptions
 
-from .agent import Agent, AgentStats, build_entry, client_id
-from .clock import SimClock
-from .driver import ConstantPump, Observation, ObservationKind, PumpDriver
-from .store import AppendResult, Entry, Queued, QueueLimits, Store, StoreError, StoreLocked, Will
+from ._agent import Agent, AgentStats, build_entry, client_id
+from ._clock import SimClock
+from ._driver import ConstantPump, Observation, ObservationKind, PumpDriver
+from ._store import AppendResult, Entry, Queued, QueueLimits, Store, StoreError, StoreLocked, Will
 
 __all__ = [
     "Agent",

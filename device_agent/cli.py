@@ -20,10 +20,10 @@ from pumpfleet.broker import BrokerConfigError, BrokerOptions
 from pumpfleet.provision import ProvisionError, read_credentials
 from pumpfleet.settings import Settings
 
-from .agent import Agent
-from .clock import SimClock
-from .driver import ConstantPump, PumpDriver
-from .store import QueueLimits, Store, StoreError
+from ._agent import Agent
+from ._clock import SimClock
+from ._driver import ConstantPump, PumpDriver
+from ._store import QueueLimits, Store, StoreError
 
 log = logging.getLogger("device_agent")
 
@@ -89,7 +89,7 @@ def _agent(
         str | None,
         typer.Option(
             metavar="MODULE:FACTORY",
-            help="pump model factory (default: device_agent.driver:ConstantPump)",
+            help="pump model factory (default: device_agent:ConstantPump)",
         ),
     ] = None,
     inflight: Annotated[int, typer.Option(help="unacked publishes")] = AgentOptions.inflight,

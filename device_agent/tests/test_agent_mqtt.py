@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from device_agent import Agent, BrokerOptions, ConstantPump, Observation, Store
-from device_agent.agent import STOP_REASON, WILL_REASON
+from device_agent._agent import STOP_REASON, WILL_REASON
 from pumpfleet import contract
 from pumpfleet.stack import StackInfo, start_broker, stop_broker
 from pumpfleet.testing import Received, telemetry_fields, wait_until

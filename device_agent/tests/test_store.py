@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from device_agent.store import Entry, QueueLimits, Store, StoreError, StoreLocked
+from device_agent._store import Entry, QueueLimits, Store, StoreError, StoreLocked
 
 PUMP = "P-000001"
 

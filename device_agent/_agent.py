@@ -33,9 +33,9 @@ from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wai
 from pumpfleet import contract
 from pumpfleet.broker import BrokerOptions
 
+from ._driver import Observation, PumpDriver
 from ._mqtt import Link
-from .driver import Observation, PumpDriver
-from .store import Entry, Queued, Store, Will
+from ._store import Entry, Queued, Store, Will
 
 __all__ = ["Agent", "AgentStats", "BrokerOptions", "build_entry", "client_id"]
 

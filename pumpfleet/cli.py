@@ -185,6 +185,9 @@ def _pumps_provision(
     high_risk: Annotated[
         bool, typer.Option("--high-risk", help="low-reservoir alarm at 4 mL, not 2")
     ] = False,
+    reporting_interval_s: Annotated[
+        int, typer.Option(help="how often the pump reports, as the rules expect it")
+    ] = 600,
     out: Annotated[Path, typer.Option(help="where <PUMP_ID>.json goes")] = Path("."),
     client_cert: Annotated[
         bool,
@@ -205,6 +208,8 @@ def _pumps_provision(
 
     if not re.fullmatch(contract_mod.PUMP_ID_PATTERN, pump_id):
         raise UsageError(f"{pump_id!r}: a pump id is letters, digits, - and _ (at most 64)")
+    if reporting_interval_s <= 0:
+        raise UsageError("--reporting-interval-s must be positive")
     s, admin = _admin(ctx)
     if keep_existing and (out / f"{pump_id}.json").is_file():
         from pumpfleet import brokerauth
@@ -246,6 +251,7 @@ def _pumps_provision(
             ca_pem=ca_pem,
             capacity_ml=capacity_ml,
             high_risk=high_risk,
+            reporting_interval_s=reporting_interval_s,
             client_cert=cert,
         )
     )

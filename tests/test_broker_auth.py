@@ -458,9 +458,28 @@ async def test_a_pump_provisioned_with_a_client_certificate_connects_with_it(
 ) -> None:
     pump_id = f"SEC-{uuid.uuid4().hex[:10]}"
     out = tmp_path / "creds"
-    made = _cli(broker, db_url, "pumps", "provision", pump_id, "--out", str(out), "--client-cert")
+    made = _cli(
+        broker,
+        db_url,
+        "pumps",
+        "provision",
+        pump_id,
+        "--out",
+        str(out),
+        "--client-cert",
+        "--reporting-interval-s",
+        "7200",
+    )
     assert made.returncode == 0, made.stderr
     creds = provision.read_credentials(out / f"{pump_id}.json")
+    conn = await asyncpg.connect(db_url)
+    try:
+        interval = await conn.fetchval(
+            "SELECT reporting_interval_s FROM pumps WHERE pump_id = $1", pump_id
+        )
+    finally:
+        await conn.close()
+    assert interval == 7200
     assert creds.broker_url == broker.mqtt_mtls_url
     for name in (creds.client_cert, creds.client_key):
         assert name and stat.S_IMODE((out / name).stat().st_mode) == 0o600

@@ -18,6 +18,7 @@ import argparse
 import asyncio
 import importlib.util
 import os
+import re
 import shutil
 import statistics
 import subprocess
@@ -35,8 +36,6 @@ from typing import Any
 
 import aiomqtt
 import paho.mqtt
-import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion
 
 from device_agent import Agent, BrokerOptions, Observation, QueueLimits, Store, build_entry
 from pumpfleet import stack as stack_mod
@@ -109,6 +108,8 @@ def old_agent_module(rev: str) -> ModuleType:
         capture_output=True,
         text=True,
     ).stdout
+    # Today's modules are private (device_agent/_driver.py, _store.py, _clock.py since 3bcabb0)
+    source = re.sub(r"^from \.(driver|store|clock) import", r"from ._\1 import", source, flags=re.M)
     spec = importlib.util.spec_from_loader("device_agent._agent_at_rev", loader=None)
     assert spec is not None
     module = importlib.util.module_from_spec(spec)
@@ -155,7 +156,9 @@ def drain_new(
     return asyncio.run(main())
 
 
-def raw_paho(payloads: list[tuple[str, bytes]], info: Any, inflight: int) -> tuple[int, float]:
+def raw_paho(
+    payloads: list[tuple[str, bytes]], broker: BrokerOptions, inflight: int
+) -> tuple[int, float]:
     """One paho client, its own window of `inflight`, network loop in its thread; no store."""
     done = threading.Event()
     count = [0]
@@ -165,15 +168,11 @@ def raw_paho(payloads: list[tuple[str, bytes]], info: Any, inflight: int) -> tup
         if count[0] == len(payloads):
             done.set()
 
-    client = mqtt.Client(
-        callback_api_version=CallbackAPIVersion.VERSION2,
-        client_id="bench-raw-paho",
-        protocol=mqtt.MQTTv5,
-    )
+    client = broker.paho_client("bench-raw-paho")
     client.on_publish = on_publish
     client.max_inflight_messages_set(inflight)
     client.max_queued_messages_set(0)
-    client.connect(info.mqtt_host, info.mqtt_port)
+    client.connect(broker.host, broker.port)
     client.loop_start()
     start = time.perf_counter()
     for topic, payload in payloads:
@@ -185,13 +184,18 @@ def raw_paho(payloads: list[tuple[str, bytes]], info: Any, inflight: int) -> tup
     return count[0], elapsed
 
 
-def raw_aiomqtt(payloads: list[tuple[str, bytes]], info: Any, inflight: int) -> tuple[int, float]:
+def raw_aiomqtt(
+    payloads: list[tuple[str, bytes]], broker: BrokerOptions, inflight: int
+) -> tuple[int, float]:
     """aiomqtt, `inflight` publishes awaiting their PUBACK at once, in order; no store."""
 
     async def main() -> tuple[int, float]:
         async with aiomqtt.Client(
-            info.mqtt_host,
-            info.mqtt_port,
+            broker.host,
+            broker.port,
+            username=broker.username,
+            password=broker.password,
+            tls_context=broker.tls_context() if broker.tls else None,
             identifier="bench-raw-aiomqtt",
             protocol=aiomqtt.ProtocolVersion.V5,
             max_inflight_messages=0,
@@ -236,7 +240,7 @@ def main() -> None:
 
 def bench(info: Any, old: ModuleType, tmp: Path, args: argparse.Namespace) -> None:
     broker_pid = stack_mod.status(info.run_dir).mqtt.pid
-    broker = BrokerOptions(host=info.mqtt_host, port=info.mqtt_port)
+    broker = BrokerOptions.from_url(info.mqtt_url_for("fleet"))  # publishes for many pumps
     template = tmp / "backlog.sqlite3"
     payloads = make_backlog(template, args.messages)
     print(
@@ -262,8 +266,8 @@ def bench(info: Any, old: ModuleType, tmp: Path, args: argparse.Namespace) -> No
         variants: dict[str, Callable[[], tuple[int, float]]] = {
             "old agent (paho, poll loop)": partial(drain_old, old, copy, broker, inflight),
             "new agent (aiomqtt, asyncio)": partial(drain_new, copy, broker, inflight),
-            "raw paho client, no store": partial(raw_paho, payloads, info, inflight),
-            "raw aiomqtt client, no store": partial(raw_aiomqtt, payloads, info, inflight),
+            "raw paho client, no store": partial(raw_paho, payloads, broker, inflight),
+            "raw aiomqtt client, no store": partial(raw_aiomqtt, payloads, broker, inflight),
         }
         runs: dict[str, list[Run]] = {name: [] for name in variants}
         for _ in range(args.repeat):  # interleaved, so that a noisy neighbour hits every variant

@@ -32,14 +32,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import asyncpg
-import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion
 
 sys.path.insert(0, str(Path(__file__).parent))
 from ingest_bench import Watched, fresh_db, publish
 
 from pumpfleet import alertmanager, contract
 from pumpfleet import stack as stack_mod
+from pumpfleet.broker import BrokerOptions
 
 
 def _telemetry(pump_id: str, seq: int, stalled: bool) -> bytes:
@@ -87,14 +86,11 @@ def inject_faults(
     as_event: bool = True,
 ) -> None:
     """Fault pumps report every second; after the warm-up they stall one every `spacing_s`,
-    logging the stall as an event first (`as_event`) as a pump does."""
-    url = urllib.parse.urlsplit(mqtt_url)
-    client = mqtt.Client(
-        callback_api_version=CallbackAPIVersion.VERSION2,
-        client_id=f"bench-faults-{uuid.uuid4().hex[:6]}",
-        protocol=mqtt.MQTTv5,
-    )
-    client.connect(url.hostname or "127.0.0.1", url.port or 1883)
+    logging the stall as an event first (`as_event`) as a pump does. `mqtt_url`: the fleet
+    account."""
+    broker = BrokerOptions.from_url(mqtt_url)
+    client = broker.paho_client(f"bench-faults-{uuid.uuid4().hex[:6]}")
+    client.connect(broker.host, broker.port)
     client.loop_start()
     seq = dict.fromkeys(pumps, 0)
 
@@ -257,7 +253,7 @@ async def one_run(args: argparse.Namespace) -> tuple[float, float]:
             injector = threading.Thread(
                 target=inject_faults,
                 args=(
-                    info.mqtt_url,
+                    info.mqtt_url_for("fleet"),
                     fault_pumps,
                     10.0,
                     spacing,
@@ -271,7 +267,7 @@ async def one_run(args: argparse.Namespace) -> tuple[float, float]:
             load = asyncio.create_task(
                 asyncio.to_thread(
                     publish,
-                    info.mqtt_url,
+                    info.mqtt_url_for("fleet"),
                     n_fleet,
                     args.workers,
                     args.rate,

@@ -29,7 +29,6 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.parse
 import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -42,6 +41,7 @@ from paho.mqtt.properties import Properties
 
 from pumpfleet import contract, schema
 from pumpfleet import stack as stack_mod
+from pumpfleet.broker import BrokerOptions
 
 _TICK = os.sysconf("SC_CLK_TCK")
 
@@ -74,16 +74,15 @@ def _payload(pump_id: str, seq: int, at: datetime) -> bytes:
 def _publisher(
     mqtt_url: str, worker: int, pumps: int, count: int, rate: float, seq0: int, out: mp.Queue
 ) -> None:  # type: ignore[type-arg]
-    """Publish `count` QoS 1 messages round-robin over this worker's pumps, at `rate`/s (0: max)."""
-    url = urllib.parse.urlsplit(mqtt_url)
-    client = mqtt.Client(
-        callback_api_version=CallbackAPIVersion.VERSION2,
-        client_id=f"bench-pub-{worker}-{uuid.uuid4().hex[:6]}",
-        protocol=mqtt.MQTTv311,
+    """Publish `count` QoS 1 messages round-robin over this worker's pumps, at `rate`/s (0: max).
+    `mqtt_url` carries an account that may publish (the stack's `mqtt_url_for("fleet")`)."""
+    broker = BrokerOptions.from_url(mqtt_url)
+    client = broker.paho_client(
+        f"bench-pub-{worker}-{uuid.uuid4().hex[:6]}", protocol=mqtt.MQTTv311
     )
     client.max_inflight_messages_set(2000)
     client.max_queued_messages_set(0)
-    client.connect(url.hostname or "127.0.0.1", url.port or 1883)
+    client.connect(broker.host, broker.port)
     client.loop_start()
     ids = [f"W{worker:02d}-{p:05d}" for p in range(pumps)]
     infos = []
@@ -118,7 +117,8 @@ def publish(
     seq0: int = 0,
     pumps_per_worker: int = 250,
 ) -> float:
-    """Publish from `workers` processes; return the acknowledged rate (msgs/s)."""
+    """Publish from `workers` processes, logged in with `mqtt_url`'s account (the fleet's);
+    return the acknowledged rate (msgs/s)."""
     ctx = mp.get_context("spawn")
     out: mp.Queue = ctx.Queue()  # type: ignore[type-arg]
     per = total // workers
@@ -239,17 +239,16 @@ async def fresh_db(info: stack_mod.StackInfo, name: str) -> str:
 
 
 def make_session(mqtt_url: str, client_id: str) -> None:
-    """Create a persistent session subscribed to all telemetry, so a backlog queues for it."""
-    url = urllib.parse.urlsplit(mqtt_url)
+    """Create a persistent session subscribed to all telemetry, so a backlog queues for it;
+    `mqtt_url` carries the account that will consume it (the stack's `mqtt_url_for("ingest")`)."""
+    broker = BrokerOptions.from_url(mqtt_url)
     props = Properties(PacketTypes.CONNECT)
     props.SessionExpiryInterval = 3600
-    c = mqtt.Client(
-        callback_api_version=CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5
-    )
+    c = broker.paho_client(client_id)
     granted = threading.Event()
     c.on_connect = lambda cl, *a: cl.subscribe(contract.subscription(), qos=1)
     c.on_subscribe = lambda *a: granted.set()
-    c.connect(url.hostname or "127.0.0.1", url.port or 1883, clean_start=False, properties=props)
+    c.connect(broker.host, broker.port, clean_start=False, properties=props)
     c.loop_start()
     if not granted.wait(10):
         raise SystemExit("broker did not grant the subscription")
@@ -266,11 +265,11 @@ def bare_mqtt_drain(info: stack_mod.StackInfo, n: int, workers: int, buffered: b
     from ingest.mqtt import Client as BufferedClient
 
     cid = f"bench-bare-{uuid.uuid4().hex[:6]}"
-    make_session(info.mqtt_url, cid)
-    publish(info.mqtt_url, n, workers)
+    make_session(info.mqtt_url_for("ingest"), cid)
+    publish(info.mqtt_url_for("fleet"), n, workers)
     got = 0
     done = mp.Event()
-    url = urllib.parse.urlsplit(info.mqtt_url)
+    broker = BrokerOptions.from_url(info.mqtt_url_for("ingest"))
     props = Properties(PacketTypes.CONNECT)
     props.SessionExpiryInterval = 0
     props.ReceiveMaximum = 20000
@@ -281,11 +280,19 @@ def bare_mqtt_drain(info: stack_mod.StackInfo, n: int, workers: int, buffered: b
         if got >= n:
             done.set()
 
-    cls = BufferedClient if buffered else mqtt.Client
-    c = cls(callback_api_version=CallbackAPIVersion.VERSION2, client_id=cid, protocol=mqtt.MQTTv5)
+    if buffered:  # the ingester's client class, logged in as the ingester logs it in
+        c: mqtt.Client = BufferedClient(
+            callback_api_version=CallbackAPIVersion.VERSION2, client_id=cid, protocol=mqtt.MQTTv5
+        )
+        if broker.username is not None:
+            c.username_pw_set(broker.username, broker.password)
+        if broker.tls:
+            c.tls_set_context(broker.tls_context())
+    else:
+        c = broker.paho_client(cid)
     c.on_message = on_message
     start = time.perf_counter()
-    c.connect(url.hostname or "127.0.0.1", url.port or 1883, clean_start=False, properties=props)
+    c.connect(broker.host, broker.port, clean_start=False, properties=props)
     c.loop_start()
     done.wait(300)
     elapsed = time.perf_counter() - start
@@ -324,8 +331,8 @@ async def ingester_drain(
     name = "naive" if naive else "ingest"
     dsn = await fresh_db(info, f"bench_{name}_{uuid.uuid4().hex[:6]}")
     cid = f"bench-{name}-{uuid.uuid4().hex[:6]}"
-    make_session(info.mqtt_url, cid)
-    publish(info.mqtt_url, n, workers)
+    make_session(info.mqtt_url_for("ingest"), cid)
+    publish(info.mqtt_url_for("fleet"), n, workers)
     args = (
         [sys.executable, str(Path(__file__).with_name("naive_ingest.py"))]
         if naive
@@ -384,14 +391,11 @@ async def ingester_drain(
 
 
 def _probe(mqtt_url: str, stop: threading.Event, sent: list[int]) -> None:
-    """Latency probes: one pump's telemetry every 20 ms stamped with the wall clock."""
-    url = urllib.parse.urlsplit(mqtt_url)
-    client = mqtt.Client(
-        callback_api_version=CallbackAPIVersion.VERSION2,
-        client_id=f"bench-probe-{uuid.uuid4().hex[:6]}",
-        protocol=mqtt.MQTTv5,
-    )
-    client.connect(url.hostname or "127.0.0.1", url.port or 1883)
+    """Latency probes: one pump's telemetry every 20 ms stamped with the wall clock
+    (`mqtt_url`: the fleet account)."""
+    broker = BrokerOptions.from_url(mqtt_url)
+    client = broker.paho_client(f"bench-probe-{uuid.uuid4().hex[:6]}")
+    client.connect(broker.host, broker.port)
     client.loop_start()
     infos = []
     while not stop.wait(0.02):
@@ -425,7 +429,7 @@ async def sustained(
         await wait_healthy(port)
         cpu0, others0, t0 = proc.cpu_s(), cpu_by_program(), time.perf_counter()
         stop, probes = threading.Event(), []
-        prober = threading.Thread(target=_probe, args=(info.mqtt_url, stop, probes))
+        prober = threading.Thread(target=_probe, args=(info.mqtt_url_for("fleet"), stop, probes))
         prober.start()
         load = await asyncio.create_subprocess_exec(
             sys.executable,
@@ -439,7 +443,7 @@ async def sustained(
             str(rate),
             "--duration",
             str(seconds),
-            env=env,
+            env={**env, "PUMPFLEET_MQTT__URL": info.mqtt_url_for("fleet")},  # a publisher
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.DEVNULL,
         )

@@ -7,13 +7,13 @@ import json
 import os
 import signal
 import threading
-import urllib.parse
 
 import paho.mqtt.client as mqtt
 import psycopg
-from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
+
+from pumpfleet.broker import BrokerOptions
 
 FIELDS = (
     "time",
@@ -40,23 +40,17 @@ SQL = (
 
 def main() -> None:
     db = psycopg.connect(os.environ["PUMPFLEET_DATABASE_URL"], autocommit=True)
-    url = urllib.parse.urlsplit(os.environ["PUMPFLEET_MQTT__URL"])
+    broker = BrokerOptions.from_url(os.environ["PUMPFLEET_MQTT__URL"])  # credentials in it
 
     def on_message(c: mqtt.Client, u: object, m: mqtt.MQTTMessage) -> None:
         b = json.loads(m.payload)
         db.execute(SQL, tuple(b[f] for f in FIELDS))
 
-    client = mqtt.Client(
-        callback_api_version=CallbackAPIVersion.VERSION2,
-        client_id=os.environ["PUMPFLEET_INGEST__CLIENT_ID"],
-        protocol=mqtt.MQTTv5,
-    )
+    client = broker.paho_client(os.environ["PUMPFLEET_INGEST__CLIENT_ID"])
     client.on_message = on_message
     props = Properties(PacketTypes.CONNECT)
     props.SessionExpiryInterval = 3600
-    client.connect(
-        url.hostname or "127.0.0.1", url.port or 1883, clean_start=False, properties=props
-    )
+    client.connect(broker.host, broker.port, clean_start=False, properties=props)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *a: stop.set())
     client.loop_start()

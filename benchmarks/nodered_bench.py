@@ -40,6 +40,7 @@ from naive_ingest import FIELDS as _FIELDS
 
 from pumpfleet import contract
 from pumpfleet import stack as stack_mod
+from pumpfleet.broker import BrokerOptions
 
 HERE = Path(__file__).resolve().parent / "nodered"
 RED = HERE / "node_modules" / "node-red" / "red.js"
@@ -77,15 +78,23 @@ def node_red_version() -> str:
 
 
 def write_flow(user_dir: Path, mqtt_url: str, client_id: str) -> Path:
-    host, port = mqtt_url.rsplit("/", 1)[-1].split(":")
+    """The flow, its credentials and Node-RED's settings in `user_dir`. The broker node logs in
+    with `mqtt_url`'s account (the stack's `mqtt_url_for("ingest")`): Node-RED keeps a node's
+    credentials apart from the flow, in `flows_cred.json` beside `flows.json`, keyed by node id;
+    `credentialSecret: false` in the settings leaves that file plain JSON, as written here."""
+    broker = BrokerOptions.from_url(mqtt_url)
+    if broker.tls:
+        raise SystemExit(
+            f"nodered_bench: plain mqtt:// only (the flow has no TLS), not {broker.url}"
+        )
     flows = [
         {"id": "tab", "type": "tab", "label": "pumps"},
         {
             "id": "broker",
             "type": "mqtt-broker",
             "name": "mosquitto",
-            "broker": host,
-            "port": port,
+            "broker": broker.host,
+            "port": str(broker.port),
             "clientid": client_id,
             "autoConnect": True,
             "usetls": False,
@@ -121,6 +130,10 @@ def write_flow(user_dir: Path, mqtt_url: str, client_id: str) -> Path:
         },
     ]
     (user_dir / "flows.json").write_text(json.dumps(flows, indent=2))
+    credentials = {"broker": {"user": broker.username or "", "password": broker.password or ""}}
+    cred_file = user_dir / "flows_cred.json"
+    cred_file.touch(mode=0o600)
+    cred_file.write_text(json.dumps(credentials, indent=2))
     settings = user_dir / "settings.js"
     settings.write_text(
         "module.exports = {\n"
@@ -128,6 +141,7 @@ def write_flow(user_dir: Path, mqtt_url: str, client_id: str) -> Path:
         f"  userDir: {json.dumps(str(user_dir))},\n"
         "  uiHost: '127.0.0.1',\n"
         "  uiPort: 0,\n"
+        "  credentialSecret: false,\n"
         "  httpAdminRoot: false,\n"
         "  httpNodeRoot: false,\n"
         f"  functionGlobalContext: {{ pg: require({json.dumps(str(PG))}) }},\n"
@@ -141,10 +155,10 @@ async def drain(info: stack_mod.StackInfo, n: int, workers: int, workdir: Path) 
     """Queue n messages for Node-RED's session, start Node-RED, time until n rows."""
     dsn = await fresh_db(info, f"bench_nodered_{uuid.uuid4().hex[:6]}")
     cid = f"bench-nodered-{uuid.uuid4().hex[:6]}"
-    make_session(info.mqtt_url, cid)
-    publish(info.mqtt_url, n, workers)
+    make_session(info.mqtt_url_for("ingest"), cid)
+    publish(info.mqtt_url_for("fleet"), n, workers)
     user_dir = Path(tempfile.mkdtemp(prefix="nodered-", dir=workdir))
-    settings = write_flow(user_dir, info.mqtt_url, cid)
+    settings = write_flow(user_dir, info.mqtt_url_for("ingest"), cid)
     env = {"PATH": "/usr/bin:/bin", "PEER_DATABASE_URL": dsn, "HOME": str(user_dir)}
     start = time.perf_counter()
     proc = Watched(

@@ -22,15 +22,12 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.parse
 import urllib.request
 import uuid
 from datetime import UTC, datetime
 from pathlib import Path
 
 import asyncpg
-import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
@@ -46,20 +43,20 @@ from ingest_bench import (
 
 from pumpfleet import alertmanager, contract
 from pumpfleet import stack as stack_mod
+from pumpfleet.broker import BrokerOptions
 
 
 def session(mqtt_url: str, client_id: str, topic_filter: str) -> None:
-    """A persistent session subscribed to `topic_filter`, so a backlog queues for it."""
-    url = urllib.parse.urlsplit(mqtt_url)
+    """A persistent session subscribed to `topic_filter`, so a backlog queues for it;
+    `mqtt_url` carries the consuming account (the stack's `mqtt_url_for("ingest")`)."""
+    broker = BrokerOptions.from_url(mqtt_url)
     props = Properties(PacketTypes.CONNECT)
     props.SessionExpiryInterval = 3600
-    c = mqtt.Client(
-        callback_api_version=CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5
-    )
+    c = broker.paho_client(client_id)
     granted = threading.Event()
     c.on_connect = lambda cl, *a: cl.subscribe(topic_filter, qos=1)
     c.on_subscribe = lambda *a: granted.set()
-    c.connect(url.hostname or "127.0.0.1", url.port or 1883, clean_start=False, properties=props)
+    c.connect(broker.host, broker.port, clean_start=False, properties=props)
     c.loop_start()
     if not granted.wait(10):
         raise SystemExit("broker did not grant the subscription")
@@ -73,8 +70,8 @@ async def drain(info: stack_mod.StackInfo, n: int, workers: int, work: Path) -> 
     group = f"g{uuid.uuid4().hex[:6]}" if workers > 1 else None
     cids = [f"scale-{uuid.uuid4().hex[:6]}-{i}" for i in range(workers)]
     for cid in cids:
-        session(info.mqtt_url, cid, contract.subscription(shared_group=group))
-    publish(info.mqtt_url, n, 4)
+        session(info.mqtt_url_for("ingest"), cid, contract.subscription(shared_group=group))
+    publish(info.mqtt_url_for("fleet"), n, 4)
     procs = []
     for cid in cids:
         env = ingester_env(info, dsn, cid)
@@ -142,14 +139,11 @@ async def judge(info: stack_mod.StackInfo, dsn: str, n: int, work: Path) -> dict
 
 
 def _stall(mqtt_url: str, pump_id: str) -> float:
-    """Publish one motor-stall event at QoS 1; return the wall time it was acknowledged."""
-    url = urllib.parse.urlsplit(mqtt_url)
-    c = mqtt.Client(
-        callback_api_version=CallbackAPIVersion.VERSION2,
-        client_id=f"stall-{uuid.uuid4().hex[:6]}",
-        protocol=mqtt.MQTTv5,
-    )
-    c.connect(url.hostname or "127.0.0.1", url.port or 1883)
+    """Publish one motor-stall event at QoS 1 (`mqtt_url`: the fleet account); return the wall
+    time it was acknowledged."""
+    broker = BrokerOptions.from_url(mqtt_url)
+    c = broker.paho_client(f"stall-{uuid.uuid4().hex[:6]}")
+    c.connect(broker.host, broker.port)
     c.loop_start()
     body = {
         "v": 2,
@@ -170,9 +164,9 @@ async def alarm(
 ) -> dict[str, float]:
     dsn = await fresh_db(info, f"alarm_{int(urgent)}_{uuid.uuid4().hex[:6]}")
     cid = f"alarm-{uuid.uuid4().hex[:6]}"
-    session(info.mqtt_url, cid, contract.subscription())
-    session(info.mqtt_url, f"{cid}-urgent", contract.subscription("event"))
-    publish(info.mqtt_url, n, 4)
+    session(info.mqtt_url_for("ingest"), cid, contract.subscription())
+    session(info.mqtt_url_for("ingest"), f"{cid}-urgent", contract.subscription("event"))
+    publish(info.mqtt_url_for("fleet"), n, 4)
     env = ingester_env(info, dsn, cid)
     env["PUMPFLEET_INGEST__URGENT_LANE"] = "true" if urgent else "false"
     env["PUMPFLEET_ALERTS__ALERTMANAGER_URL"] = am.url
@@ -186,7 +180,7 @@ async def alarm(
         while await count_rows(dsn) < min(n // 10, 50_000):  # the drain is under way
             await asyncio.sleep(0.1)
         backlog_left = n - await count_rows(dsn)
-        sent = await asyncio.to_thread(_stall, info.mqtt_url, pump)
+        sent = await asyncio.to_thread(_stall, info.mqtt_url_for("fleet"), pump)
         conn = await asyncpg.connect(dsn)
         try:
             in_db = am_at = None

@@ -33,9 +33,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion
-
 import sim_fleet
 from pumpfleet import stack as stack_mod
 from pumpfleet.broker import BrokerOptions
@@ -72,15 +69,12 @@ def paho_baseline(info: stack_mod.StackInfo, messages: int) -> dict[str, float]:
         if count[0] == messages:
             acked.set()
 
-    client = mqtt.Client(
-        callback_api_version=CallbackAPIVersion.VERSION2,
-        client_id="bench-paho-baseline",
-        protocol=mqtt.MQTTv5,
-    )
+    broker = BrokerOptions.from_url(info.mqtt_url_for("fleet"))
+    client = broker.paho_client("bench-paho-baseline")
     client.on_publish = on_publish
     client.max_inflight_messages_set(1000)
     client.max_queued_messages_set(0)
-    client.connect(info.mqtt_host, info.mqtt_port)
+    client.connect(broker.host, broker.port)
     client.loop_start()
     cpu0 = time.process_time()
     start = time.monotonic()
@@ -157,7 +151,7 @@ def run_rate(
         connections=args.connections,
         id_prefix=f"B{int(rate)}",
     )
-    broker = BrokerOptions(host=info.mqtt_host, port=info.mqtt_port)
+    broker = BrokerOptions.from_url(info.mqtt_url_for("fleet"))  # the load publishes as the fleet
     broker_cpu0 = cpu_seconds(mqtt_pid)
     with environment(env or {}):
         report = run_load(config, broker)

@@ -521,18 +521,23 @@ class _Chaos:
             self.cfg.progress(f"[{time.monotonic() - self.t0:6.1f}s] {text}")
 
     async def run_until(self, end: float) -> None:
-        # Every kind once, in a seeded order, then at random: a short run still meets them all.
+        # Every kind once, in a seeded order, then at random. A run whose end comes before it met
+        # every kind goes on (load included) until it has, so a short run always meets them all:
+        # three kinds share the database, and one slow restart used to push the last of them out.
         queue = list(self.cfg.faults)
         self.rng.shuffle(queue)
+        overrun_end = end + max(60.0, 0.5 * (end - time.monotonic()))
         while True:
             gap = self.rng.expovariate(1.0 / self.cfg.gap_s)
-            if time.monotonic() + gap >= end:
+            now = time.monotonic()
+            if now + gap >= end and (not queue or now + gap >= overrun_end):
                 break
             await asyncio.sleep(gap)
+            overrun = time.monotonic() >= end
             free = [k for k in self.cfg.faults if k.resource not in self.busy]
-            if not free:
-                continue
             pending = [k for k in queue if k.resource not in self.busy]
+            if not free or (overrun and not pending):
+                continue
             kind = pending[0] if pending else self.rng.choice(free)
             if kind in queue:
                 queue.remove(kind)
@@ -665,6 +670,7 @@ async def _soak(cfg: SoakConfig, seed: int, info: stack_mod.StackInfo, run_dir: 
         if remaining > 0:
             await asyncio.sleep(remaining)
         pub.stop_event.set()
+        report.seconds = time.monotonic() - chaos.t0  # longer when faults still had to be met
         await asyncio.to_thread(pub.join, 30)
         # Everything back up (a fault task may still hold a resource down: they all finished).
         await asyncio.to_thread(stack_mod.start_database, info)

@@ -12,16 +12,26 @@ also sends a NOTIFY so a running book refreshes at once (see `CHANNEL`).
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
 import asyncpg
 
+from ingest.alerts._plan import (
+    Alert,
+    Command,
+    Plan,
+    Timing,
+    Transition,
+    bump,
+    due_unacked,
+    plan,
+    settle,
+)
 from ingest.findings import PRIORITY_RANK, Finding
 
 log = logging.getLogger("pumpfleet.alerts")
@@ -32,9 +42,6 @@ Action = Literal["trigger", "acknowledge", "resolve"]
 
 CHANNEL = "pumpfleet_alerts"
 """NOTIFY channel: the payload is the id of an alert a person changed."""
-
-RULES_ACTOR = "rules"
-ESCALATION_ACTOR = "escalation"
 
 # What each receiver hears about, by history phase. Alertmanager has no acknowledgement and
 # gets the figures of a 'continue' from the periodic re-send; the webhook follows PagerDuty's
@@ -67,55 +74,6 @@ class _Conflict(Exception):
         super().__init__("stale alert copy")
         self.ids = set(ids)
         self.keys = set(keys)
-
-
-@dataclass(slots=True)
-class Alert:
-    """One alert as the book sees it; mirrors its `alerts` row."""
-
-    alert_id: int
-    pump_id: str
-    rule: str
-    clinic: str
-    priority: str
-    phase: str
-    summary: str
-    details: dict[str, Any]
-    started_at: datetime
-    updated_at: datetime
-    priority_since: datetime
-    ended_at: datetime | None = None
-    acked_at: datetime | None = None
-    acked_by: str | None = None
-    resolved_by: str | None = None
-    escalated_at: datetime | None = None
-    last_seq: int | None = None
-    rev: int = 0
-    last_history_at: datetime | None = field(default=None, compare=False)
-    """In memory only: when the last history row was written (throttles 'continue')."""
-
-    @property
-    def key(self) -> tuple[str, str]:
-        return (self.pump_id, self.rule)
-
-    @property
-    def is_open(self) -> bool:
-        return self.ended_at is None
-
-
-@dataclass(frozen=True, slots=True)
-class Transition:
-    """One row of alert_history, with the alert as it stood right after."""
-
-    alert: Alert
-    phase: str
-    at: datetime
-    actor: str
-    note: str | None = None
-    previous_priority: str | None = None
-    previous_escalated: bool | None = None
-    history: bool = True
-    """False for a throttled 'continue': the alert row changes, no history row is written."""
 
 
 def event(t: Transition) -> dict[str, Any]:
@@ -152,25 +110,6 @@ class BookPolicy:
     continue_history: timedelta = timedelta(hours=1)
     receivers: tuple[Receiver, ...] = ()
     """Receivers that get outbox rows; one not configured gets none."""
-
-
-@dataclass(frozen=True, slots=True)
-class _Unacked:
-    """Command: escalate this alert if it is still high and unacknowledged."""
-
-    key: tuple[str, str]
-    now: datetime
-
-
-_Command = Finding | _Unacked
-
-
-@dataclass(slots=True)
-class _Plan:
-    transitions: list[Transition] = field(default_factory=list)
-    finals: dict[int, Alert] = field(default_factory=dict)
-    """Alert id (negative: not inserted yet) -> its state after the batch."""
-    expected_rev: dict[int, int] = field(default_factory=dict)
 
 
 class Book:
@@ -239,15 +178,12 @@ class Book:
 
     async def escalate_unacked(self, conn: asyncpg.Connection, now: datetime) -> list[Transition]:
         """Escalate high alerts nobody acknowledged within the policy's time."""
-        limit = self.policy.unacked_escalation
-        due = [_Unacked(a.key, now) for a in self._open.values() if _unacked_due(a, now, limit)]
+        due = due_unacked(self._open, now, self.policy.unacked_escalation)
         if not due:
             return []
         return await self._run(conn, due)
 
-    async def _run(
-        self, conn: asyncpg.Connection, commands: Sequence[_Command]
-    ) -> list[Transition]:
+    async def _run(self, conn: asyncpg.Connection, commands: Sequence[Command]) -> list[Transition]:
         for _attempt in range(5):
             plan = self._plan(commands)
             if not plan.transitions and not plan.finals:
@@ -262,120 +198,18 @@ class Book:
                 await self.reload(conn, conflict.ids)
                 await self._reload_keys(conn, conflict.keys)
                 continue
-            self._commit(plan)
+            settle(self._open, plan.finals)
             return plan.transitions
         raise RuntimeError("alert book: database kept changing under the batch; gave up")
 
-    def _plan(self, commands: Sequence[_Command]) -> _Plan:
-        """Decide every transition in memory (no I/O); the book itself is untouched."""
-        plan = _Plan()
-        work: dict[tuple[str, str], Alert | None] = {}
+    def _plan(self, commands: Sequence[Command]) -> Plan:
+        """Decide every transition in memory (_plan.py, no I/O); the book itself is untouched."""
+        timing = Timing(self.policy.unacked_escalation, self.policy.continue_history)
+        decided = plan(self._open, commands, timing, next_temp=self._next_temp)
+        self._next_temp = decided.next_temp
+        return decided
 
-        def current(key: tuple[str, str]) -> Alert | None:
-            return work[key] if key in work else self._open.get(key)
-
-        for cmd in commands:
-            cur = current(cmd.key if isinstance(cmd, _Unacked) else (cmd.pump_id, cmd.rule))
-            if cur is not None and cur.alert_id > 0 and cur.alert_id not in plan.expected_rev:
-                plan.expected_rev[cur.alert_id] = cur.rev
-            if isinstance(cmd, _Unacked):
-                t = self._plan_unacked(cur, cmd)
-            else:
-                t = self._plan_finding(cur, cmd)
-            if t is None:
-                continue
-            if t.history:
-                t.alert.last_history_at = t.at  # a fresh copy: the book's own is untouched
-            plan.transitions.append(t)
-            plan.finals[t.alert.alert_id] = t.alert
-            work[t.alert.key] = t.alert if t.alert.is_open else None
-        return plan
-
-    def _plan_finding(self, cur: Alert | None, f: Finding) -> Transition | None:
-        details = _normalise(f.details)
-        if not f.active:
-            if cur is None:
-                return None
-            if _stale(cur, f):
-                return None
-            ended = _bump(cur, phase="end", ended_at=f.at, updated_at=f.at, last_seq=_seq(cur, f))
-            return Transition(ended, "end", f.at, RULES_ACTOR, f.summary)
-        if cur is None:
-            self._next_temp -= 1
-            alert = Alert(
-                alert_id=self._next_temp,
-                pump_id=f.pump_id,
-                rule=f.rule,
-                clinic="",
-                priority=f.priority,
-                phase="start",
-                summary=f.summary,
-                details=details,
-                started_at=f.at,
-                updated_at=f.at,
-                priority_since=f.at,
-                last_seq=f.seq,
-            )
-            return Transition(alert, "start", f.at, RULES_ACTOR)
-        if _stale(cur, f):
-            return None
-        rise = PRIORITY_RANK[f.priority] - PRIORITY_RANK[cur.priority]
-        if rise:
-            changes: dict[str, Any] = {
-                "priority": f.priority,
-                "priority_since": f.at,
-                "escalated_at": None,
-            }
-            if rise > 0:  # an acknowledgement covers the priority it was given at
-                changes.update(acked_at=None, acked_by=None)
-            phase = "escalate" if rise > 0 else "de-escalate"
-            alert = _bump(
-                cur,
-                phase=phase,
-                summary=f.summary,
-                details=details,
-                updated_at=f.at,
-                last_seq=_seq(cur, f),
-                **changes,
-            )
-            return Transition(
-                alert,
-                phase,
-                f.at,
-                RULES_ACTOR,
-                previous_priority=cur.priority,
-                previous_escalated=cur.escalated_at is not None,
-            )
-        if f.summary == cur.summary and details == cur.details:
-            return None  # the same state again: nothing to say, nothing to write
-        alert = _bump(
-            cur,
-            phase="continue",
-            summary=f.summary,
-            details=details,
-            updated_at=f.at,
-            last_seq=_seq(cur, f),
-        )
-        every = self.policy.continue_history
-        quiet = cur.last_history_at is not None and f.at - cur.last_history_at < every
-        return Transition(alert, "continue", f.at, RULES_ACTOR, history=not quiet)
-
-    def _plan_unacked(self, cur: Alert | None, cmd: _Unacked) -> Transition | None:
-        if cur is None or not _unacked_due(cur, cmd.now, self.policy.unacked_escalation):
-            return None
-        alert = _bump(cur, phase="escalate", escalated_at=cmd.now)
-        minutes = self.policy.unacked_escalation.total_seconds() / 60
-        return Transition(
-            alert,
-            "escalate",
-            cmd.now,
-            ESCALATION_ACTOR,
-            note=f"not acknowledged within {minutes:g} min",
-            previous_priority=cur.priority,
-            previous_escalated=False,
-        )
-
-    async def _write(self, conn: asyncpg.Connection, plan: _Plan) -> None:
+    async def _write(self, conn: asyncpg.Connection, plan: Plan) -> None:
         updates = [a for a in plan.finals.values() if a.alert_id > 0]
         inserts = [a for a in plan.finals.values() if a.alert_id < 0]
         async with conn.transaction():
@@ -398,7 +232,7 @@ class Book:
             await write_history(conn, [t for t in plan.transitions if t.history])
             await write_outbox(conn, plan.transitions, self.policy.receivers)
 
-    async def _assign_ids(self, conn: asyncpg.Connection, plan: _Plan, new: list[Alert]) -> None:
+    async def _assign_ids(self, conn: asyncpg.Connection, plan: Plan, new: list[Alert]) -> None:
         """Real ids and clinics for alerts started in this batch, before rows reference them."""
         ids = await conn.fetchval(_NEXT_IDS_SQL, len(new))
         clinics = dict(
@@ -414,15 +248,6 @@ class Book:
                 a.alert_id = real[a.alert_id]
                 a.clinic = clinics.get(a.pump_id, "unassigned")
         plan.finals = {a.alert_id: a for a in plan.finals.values()}
-
-    def _commit(self, plan: _Plan) -> None:
-        for alert in plan.finals.values():
-            if alert.is_open:
-                self._open[alert.key] = alert
-            else:
-                mine = self._open.get(alert.key)
-                if mine is not None and mine.alert_id == alert.alert_id:
-                    del self._open[alert.key]
 
 
 # On-call actions (a person, usually through the CLI) -------------------------------------------
@@ -445,7 +270,7 @@ async def acknowledge(
             raise AlertError(
                 f"alert {alert_id} already acknowledged by {cur.acked_by} at {_human(cur.acked_at)}"
             )
-        alert = _bump(cur, acked_at=now, acked_by=by)
+        alert = bump(cur, acked_at=now, acked_by=by)
         await _person_write(conn, Transition(alert, "ack", now, by, note), receivers)
     return alert
 
@@ -463,7 +288,7 @@ async def resolve(
     now = now or datetime.now(UTC)
     async with conn.transaction():
         cur = await _locked(conn, alert_id)
-        alert = _bump(cur, phase="end", ended_at=now, updated_at=now, resolved_by=by)
+        alert = bump(cur, phase="end", ended_at=now, updated_at=now, resolved_by=by)
         await _person_write(conn, Transition(alert, "end", now, by, note), receivers)
     return alert
 
@@ -621,41 +446,6 @@ def alert_from_row(row: Mapping[str, Any]) -> Alert:
 
 
 # helpers ---------------------------------------------------------------------------------------
-
-
-def _bump(cur: Alert, **changes: Any) -> Alert:
-    """A new copy with the changes and the next revision (the book's copy stays untouched)."""
-    return dataclasses.replace(cur, rev=cur.rev + 1, **changes)
-
-
-def _normalise(details: Mapping[str, Any]) -> dict[str, Any]:
-    """As it will read back from jsonb, so an unchanged condition compares equal."""
-    out: dict[str, Any] = json.loads(json.dumps(dict(details), default=str))
-    return out
-
-
-def _stale(cur: Alert, f: Finding) -> bool:
-    """A Finding from a message older than the one the alert last saw (a replay)."""
-    return (
-        f.seq is not None
-        and cur.last_seq is not None
-        and f.seq <= cur.last_seq
-        and f.at <= cur.updated_at
-    )
-
-
-def _seq(cur: Alert, f: Finding) -> int | None:
-    return f.seq if f.seq is not None else cur.last_seq
-
-
-def _unacked_due(a: Alert, now: datetime, limit: timedelta) -> bool:
-    return (
-        a.priority == "high"
-        and a.acked_at is None
-        and a.escalated_at is None
-        and a.ended_at is None
-        and now - a.priority_since >= limit
-    )
 
 
 def _iso(t: datetime | None) -> str | None:

@@ -24,11 +24,13 @@ import multiprocessing as mp
 import os
 import re
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+import types
 import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -301,6 +303,79 @@ def bare_mqtt_drain(info: stack_mod.StackInfo, n: int, workers: int, buffered: b
     return got / elapsed
 
 
+OLD_MQTT_REV = "56bed13"
+"""The last commit whose ingest/mqtt.py framed packets through paho's internals (before mqtt5)."""
+
+
+def mqtt_client_at(rev: str) -> type[mqtt.Client]:
+    """`ingest/mqtt.py`'s Client as it was at `rev`, loaded from git beside today's."""
+    source = subprocess.run(
+        ["git", "show", f"{rev}:ingest/mqtt.py"],
+        cwd=Path(__file__).resolve().parents[1],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    module = types.ModuleType(f"ingest_mqtt_at_{rev[:8]}")
+    exec(compile(source, f"{rev[:8]}:ingest/mqtt.py", "exec"), module.__dict__)
+    client: type[mqtt.Client] = module.Client
+    return client
+
+
+def raw_path_drain(
+    info: stack_mod.StackInfo, n: int, workers: int, client_cls: type[mqtt.Client]
+) -> float:
+    """The ingester's own MQTT path without validation or database: QoS 1 PUBLISHes to
+    `on_raw_message` on paho's thread, their PUBACKs batched by another thread (`ack_many`),
+    as ingest/service.py does after each commit."""
+    import queue
+
+    cid = f"bench-rawpath-{uuid.uuid4().hex[:6]}"
+    make_session(info.mqtt_url_for("ingest"), cid)
+    publish(info.mqtt_url_for("fleet"), n, workers)
+    broker = BrokerOptions.from_url(info.mqtt_url_for("ingest"))
+    props = Properties(PacketTypes.CONNECT)
+    props.SessionExpiryInterval = 0
+    props.ReceiveMaximum = 20000
+    c = client_cls(
+        callback_api_version=CallbackAPIVersion.VERSION2,
+        client_id=cid,
+        protocol=mqtt.MQTTv5,
+        manual_ack=True,
+    )
+    if broker.username is not None:
+        c.username_pw_set(broker.username, broker.password)
+    mids: queue.SimpleQueue[int] = queue.SimpleQueue()
+    c.on_raw_message = lambda topic, payload, mid: mids.put(mid)  # type: ignore[attr-defined]
+    c.on_message = lambda client, userdata, m: mids.put(m.mid)  # what the raw path leaves to paho
+    got = 0
+
+    def acker() -> None:
+        nonlocal got
+        while got < n:
+            batch = [mids.get()]
+            while len(batch) < 2000:
+                try:
+                    batch.append(mids.get_nowait())
+                except queue.Empty:
+                    break
+            got += len(batch)
+            c.ack_many(batch)  # type: ignore[attr-defined]
+
+    ack_thread = threading.Thread(target=acker, daemon=True)
+    start = time.perf_counter()
+    c.connect(broker.host, broker.port, clean_start=False, properties=props)
+    ack_thread.start()
+    c.loop_start()
+    ack_thread.join(300)
+    elapsed = time.perf_counter() - start
+    c.disconnect()
+    c.loop_stop()
+    if got < n:
+        raise SystemExit(f"{client_cls.__module__}: {got:,} of {n:,} messages in {elapsed:.0f} s")
+    return got / elapsed
+
+
 async def bare_db_insert(info: stack_mod.StackInfo, n: int) -> float:
     """The database ceiling: asyncpg unnest batches of ready rows, dedup key and all."""
     from ingest.store import prepare, write_batch
@@ -511,6 +586,10 @@ async def main() -> None:
     ap.add_argument("--workers", type=int, default=4, help="publisher processes")
     ap.add_argument("--quick", action="store_true", help="backlog 20,000; 10 s sustained")
     ap.add_argument("--skip", default="", help="comma list: raw,drain,naive,sustained")
+    ap.add_argument(
+        "--old-mqtt-rev", default=OLD_MQTT_REV, help="git revision of the old ingest/mqtt.py"
+    )
+    ap.add_argument("--repeats", type=int, default=3, help="runs of each side-by-side stage")
     args = ap.parse_args()
     if args.quick:
         args.backlog, args.naive, args.seconds = 20_000, 5_000, 10
@@ -524,6 +603,21 @@ async def main() -> None:
             print(f"raw: stock paho subscriber, ack only:  {res['stock_mqtt']:>9,.0f} msg/s")
             res["bare_mqtt"] = bare_mqtt_drain(info, args.backlog, args.workers, True)
             print(f"raw: buffered paho subscriber, ack:    {res['bare_mqtt']:>9,.0f} msg/s")
+            old_cls = mqtt_client_at(args.old_mqtt_rev)
+            from ingest.mqtt import Client as NewClient
+
+            sides = {
+                "old": (old_cls, f"paho internals, {args.old_mqtt_rev}"),
+                "new": (NewClient, "mqtt5"),
+            }
+            for rep in range(args.repeats):
+                for label, (cls, what) in sides.items():
+                    rate = raw_path_drain(info, args.backlog, args.workers, cls)
+                    res.setdefault(f"raw_path_{label}", []).append(rate)  # type: ignore[union-attr]
+                    print(f"raw: ingester MQTT path, {what}, run {rep + 1}: {rate:>9,.0f} msg/s")
+            old_med = statistics.median(res["raw_path_old"])  # type: ignore[arg-type]
+            new_med = statistics.median(res["raw_path_new"])  # type: ignore[arg-type]
+            print(f"raw: ingester MQTT path, new / old (medians): {new_med / old_med:.2f}")
             res["bare_db"] = await bare_db_insert(info, args.backlog)
             print(f"raw: asyncpg unnest insert (no MQTT):  {res['bare_db']:>9,.0f} rows/s")
         if "drain" not in skip:

@@ -23,7 +23,6 @@ import threading
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
 from datetime import UTC, datetime
 
 import asyncpg
@@ -33,7 +32,10 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_exponential_jitter
 
+from ingest import _batching as batching
 from ingest import metrics
+from ingest._batching import Item as _Item
+from ingest._batching import TokenBuckets
 from ingest.mqtt import Client as BufferedClient
 from ingest.store import DeadLetter, WriteResult, prepare, write_batch
 from pumpfleet import contract
@@ -51,70 +53,6 @@ SESSION_EXPIRY_S = 7 * 24 * 3600
 
 REVOKED_REFRESH_S = 10.0
 """How often the revoked pumps are re-read: a revocation takes effect within this long."""
-
-
-@dataclass(slots=True)
-class _Item:
-    gen: int
-    mid: int
-    qos: int
-    received: float
-    topic: str
-    payload: bytes | bytearray
-    msg: Message | None
-    dead: DeadLetter | None
-    limited: bool = False
-    """Throttled by the per-pump rate limit (its dead letter says so)."""
-
-
-class TokenBuckets:
-    """Per-pump token buckets: `take` is O(1); memory holds only the pumps still paying back.
-
-    A bucket holds up to `burst` tokens and refills at `rate_per_s`; each message takes one. A
-    bucket that has refilled completely is the same as none, so when the table reaches its
-    size limit those are forgotten (amortised O(1): the limit doubles past the live ones). A
-    real pump, one message every few minutes, is full again a second after each message."""
-
-    __slots__ = ("_buckets", "_limit", "burst", "rate_per_s")
-
-    def __init__(self, rate_per_s: float, burst: int, size: int = 10_000) -> None:
-        self.rate_per_s = rate_per_s
-        self.burst = float(burst)
-        self._buckets: dict[str, tuple[float, float]] = {}
-        self._limit = size
-
-    def take(self, key: str, now: float) -> bool:
-        """One token for `key` at monotonic time `now`: True when it had one."""
-        bucket = self._buckets.get(key)
-        if bucket is None:
-            if len(self._buckets) >= self._limit:
-                self._forget_full(now)
-            self._buckets[key] = (self.burst - 1.0, now)
-            return True
-        tokens = bucket[0] + (now - bucket[1]) * self.rate_per_s
-        if tokens > self.burst:
-            tokens = self.burst
-        if tokens >= 1.0:
-            self._buckets[key] = (tokens - 1.0, now)
-            return True
-        self._buckets[key] = (tokens, now)
-        return False
-
-    def __len__(self) -> int:
-        return len(self._buckets)
-
-    def _forget_full(self, now: float) -> None:
-        burst, rate = self.burst, self.rate_per_s
-        full = [k for k, (t, at) in self._buckets.items() if t + (now - at) * rate >= burst]
-        for key in full:
-            del self._buckets[key]
-        self._limit = max(self._limit, 2 * len(self._buckets))
-
-
-def _pump_key(topic: str) -> str:
-    """The rate limit's key: the topic's pump id (`pumps/{pump_id}/...`), else the topic."""
-    parts = topic.split("/", 2)
-    return parts[1] if len(parts) == 3 and parts[0] == contract.TOPIC_ROOT else topic
 
 
 class Ingester:
@@ -164,9 +102,8 @@ class Ingester:
             if self.cfg.rate_limit_per_s > 0
             else None
         )
-        self._limited_reason = (
-            f"rate limited: more than {self.cfg.rate_limit_burst} messages at once, then "
-            f"{self.cfg.rate_limit_per_s:g}/s, from this pump"
+        self._limited_reason = batching.limited_reason(
+            self.cfg.rate_limit_burst, self.cfg.rate_limit_per_s
         )
         self._db: asyncpg.Connection | None = None
         self._db_ok = False
@@ -291,17 +228,16 @@ class Ingester:
             # Before decoding: a flood costs a dictionary lookup per message, not a validation.
             # Its excess is kept as dead letters (raw bytes, replayable), so a pump loses
             # nothing, and it is acknowledged like the rest, so no other pump waits behind it.
-            if self._limit is not None and not self._limit.take(_pump_key(topic), time.monotonic()):
+            limit = self._limit
+            if limit is not None and not limit.take(batching.pump_key(topic), time.monotonic()):
                 dead = DeadLetter(
                     topic, bytes(payload), self._limited_reason, datetime.fromtimestamp(now, UTC)
                 )
                 item = _Item(self._gen, mid, qos, now, topic, payload, None, dead, True)
             else:
-                if len(payload) > self.cfg.max_payload_bytes:
-                    raise contract.ContractError(
-                        f"payload: {len(payload)} bytes exceeds the "
-                        f"{self.cfg.max_payload_bytes} limit"
-                    )
+                too_big = batching.oversize(len(payload), self.cfg.max_payload_bytes)
+                if too_big is not None:
+                    raise contract.ContractError(too_big)
                 item = _Item(
                     self._gen, mid, qos, now, topic, payload, contract.decode(topic, payload), None
                 )
@@ -311,7 +247,7 @@ class Ingester:
         # No lock: only this thread appends or changes the generation, and deque appends and
         # pops are atomic.
         self._buf.append(item)
-        if len(self._buf) == self.cfg.batch_max and self._loop is not None:
+        if batching.wake_writer(len(self._buf), self.cfg.batch_max) and self._loop is not None:
             self._loop.call_soon_threadsafe(self._wake.set)  # once per batch, not per message
 
     # Database side (asyncio) ----------------------------------------------------------------
@@ -357,8 +293,7 @@ class Ingester:
 
     async def _write(self, batch: list[_Item]) -> WriteResult:
         """Commit the batch, retrying with backoff until the database takes it."""
-        all_msgs = [i.msg for i in batch if i.msg is not None]
-        all_dead = [i.dead for i in batch if i.dead is not None]
+        all_msgs, all_dead = batching.split(batch)
         result: WriteResult = await self._rewriting(self._write_once, batch, all_msgs, all_dead)
         return result
 
@@ -394,7 +329,8 @@ class Ingester:
         register, held = await self._sort_out(conn, {m.pump_id for m in msgs})
         quarantined: dict[str, int] = {}
         if held:
-            msgs, dead, quarantined = _quarantine(batch, held)
+            msgs, refused, quarantined = batching.quarantine(batch, held)
+            dead = [*dead, *(_dead_letter(item, why) for item, why in refused)]
         started = time.perf_counter()
         try:
             result = await write_batch(conn, msgs, dead, register, quarantined)
@@ -436,26 +372,17 @@ class Ingester:
         quarantined: dict[str, int],
     ) -> WriteResult:
         """Each message in its own transaction; one the database refuses is dead-lettered."""
-        items = {id(i.msg): i for i in batch if i.msg is not None}
+        plan = batching.one_by_one(batch, msgs)
         total = await write_batch(conn, [], dead, register, quarantined)
-        for msg in msgs:
+        for msg, item in plan:
             try:
                 one = await write_batch(conn, [msg], [])
             except _TRANSIENT:
                 raise
             except asyncpg.PostgresError as exc:
-                item = items[id(msg)]
-                refused = DeadLetter(
-                    item.topic,
-                    bytes(item.payload),
-                    f"database refused: {_one_line(exc)}",
-                    datetime.fromtimestamp(item.received, UTC),
-                )
+                refused = _dead_letter(item, batching.refused_reason(_one_line(exc)))
                 one = await write_batch(conn, [], [refused])
-            total.new += one.new
-            total.duplicates += one.duplicates
-            total.statuses_superseded += one.statuses_superseded
-            total.dead_letters += one.dead_letters
+            batching.add_result(total, one)
         return total
 
     async def _sort_out(
@@ -466,45 +393,34 @@ class Ingester:
         Pumps this worker knows cost nothing; the others are looked up (one query per batch
         that has any), so a pump provisioned a moment ago is stored at once. The revoked pumps
         are re-read every REVOKED_REFRESH_S, so a revocation holds within that long."""
-        if time.monotonic() - self._revoked_read_at >= REVOKED_REFRESH_S:
+        if batching.revoked_refresh_due(time.monotonic(), self._revoked_read_at, REVOKED_REFRESH_S):
             revoked = {r[0] for r in await conn.fetch(_REVOKED_SQL)}
             self._known_pumps -= revoked
             self._revoked_read_at = time.monotonic()
         unknown = pump_ids - self._known_pumps
         if not unknown:
             return set(), {}
-        held: dict[str, str] = {}
-        found = set()
-        for pump_id, revoked_now in await conn.fetch(_LOOKUP_SQL, list(unknown)):
-            found.add(pump_id)
-            if revoked_now:
-                held[pump_id] = "revoked"
-            else:
-                self._known_pumps.add(pump_id)
-        absent = unknown - found
-        if self.cfg.unknown_pumps == "register" and self._can_register:
-            return absent, held
-        held.update(dict.fromkeys(absent, "not provisioned"))
-        return set(), held
+        rows = await conn.fetch(_LOOKUP_SQL, list(unknown))
+        may_register = self.cfg.unknown_pumps == "register" and self._can_register
+        register, held, known = batching.sort_pumps(unknown, rows, may_register)
+        self._known_pumps |= known
+        return register, held
 
     def _ack(self, batch: list[_Item]) -> int:
         """Acknowledge what this connection delivered; return how many were stale."""
         with self._lock:
-            gen = self._gen
-            mids = [item.mid for item in batch if item.gen == gen and item.qos > 0]
+            mids, stale = batching.acks(batch, self._gen)
             self._client.ack_many(mids)
-        return sum(1 for item in batch if item.gen != gen)
+        return stale
 
     async def _flush(self) -> int:
-        buf = self._buf
-        batch = [buf.popleft() for _ in range(len(buf))]
+        batch = batching.cut(self._buf)
         if not batch:
             return 0
         result = await self._write(batch)
         stale = self._ack(batch)
         now = time.time()
-        # Only dead letters and duplicates can hold throttled messages: skip the count otherwise.
-        limited = sum(i.limited for i in batch) if result.dead_letters or result.duplicates else 0
+        limited = batching.rate_limited(batch, result)
         self.stats.observe_batch(len(batch), batch[0].received, result, stale, now, limited)
         if self.on_commit is not None and result.new:
             try:
@@ -537,7 +453,7 @@ class Ingester:
         server = await metrics.serve(self.cfg, self.stats, self.pending, self.healthy)
         if server is not None:
             self.metrics_port = server.sockets[0].getsockname()[1]
-        flush_s = self.cfg.flush_ms / 1000
+        flush_s = batching.flush_timeout_s(self.cfg.flush_ms)
         try:
             while not self._stopping.is_set():
                 with contextlib.suppress(TimeoutError):
@@ -604,32 +520,12 @@ _LOOKUP_SQL = """SELECT pump_id, coalesce(revoked_at <= now(), false) FROM pumps
 _CAN_REGISTER_SQL = "SELECT has_table_privilege('pumps', 'INSERT')"
 
 
-def _quarantine(
-    batch: list[_Item], held: dict[str, str]
-) -> tuple[list[Message], list[DeadLetter], dict[str, int]]:
-    """The batch with the held pumps' messages turned into dead letters, raw bytes kept, and
-    how many each held pump sent."""
-    msgs: list[Message] = []
-    dead = [i.dead for i in batch if i.dead is not None]
-    counts: dict[str, int] = {}
-    for item in batch:
-        if item.msg is None:
-            continue
-        pump_id = item.msg.pump_id
-        why = held.get(pump_id)
-        if why is None:
-            msgs.append(item.msg)
-            continue
-        counts[pump_id] = counts.get(pump_id, 0) + 1
-        dead.append(
-            DeadLetter(
-                item.topic,
-                bytes(item.payload),
-                f"quarantine: pump {pump_id} is {why}",
-                datetime.fromtimestamp(item.received, UTC),
-            )
-        )
-    return msgs, dead, counts
+def _dead_letter(item: _Item, reason: str) -> DeadLetter:
+    """A decoded message kept out after all (quarantined, or refused by the database): its raw
+    bytes, topic and receive time, with the reason."""
+    return DeadLetter(
+        item.topic, bytes(item.payload), reason, datetime.fromtimestamp(item.received, UTC)
+    )
 
 
 def _failure(attempt: RetryCallState) -> str:

@@ -14,9 +14,9 @@ measures, so per message it does only arithmetic and byte joins:
   (the contract rejects device times more than 10 minutes ahead). Reservoirs fall at the pump's
   programmed flow and are refilled (silently) before they reach the alarm volume.
 - The rate is split evenly over worker processes (`python -m sim_fleet._load_worker`); in each,
-  a token bucket releases messages in batches of about 2 ms. Workers report counters for the
-  live line every 0.1 s and their totals, latency histogram, CPU and memory at the end, as JSON
-  lines.
+  a token bucket releases messages in batches of about 2 ms (the decisions, pure and unit-tested,
+  are `sim_fleet._pacing`'s). Workers report counters for the live line every 0.1 s and their
+  totals, latency histogram, CPU and memory at the end, as JSON lines.
 """
 
 from __future__ import annotations
@@ -45,6 +45,8 @@ from device_agent import Observation, build_entry
 from pumpfleet import logs
 from pumpfleet.broker import BrokerOptions
 from pumpfleet.contract import PUMP_ID_PATTERN
+from sim_fleet._pacing import Row, payload, release, select_timeout, share
+from sim_fleet._pacing import iso as _iso
 from sim_fleet.fleet import make_fleet
 from sim_fleet.mqtt import (
     MAX_MESSAGE_IDS,
@@ -292,24 +294,9 @@ def templates(config: LoadConfig, indexes: range) -> list[_Template]:
     return out
 
 
-_DAYS: dict[int, bytes] = {}
-
-
-def _iso(epoch_s: int) -> bytes:
-    """RFC 3339 UTC with whole seconds, as pydantic writes it (`...Z`); days are cached."""
-    day, sec = divmod(epoch_s, 86_400)
-    prefix = _DAYS.get(day)
-    if prefix is None:
-        prefix = _DAYS[day] = (
-            datetime.fromtimestamp(day * 86_400, UTC).strftime("%Y-%m-%dT").encode()
-        )
-    h, rest = divmod(sec, 3600)
-    m, s = divmod(rest, 60)
-    return b"%s%02d:%02d:%02dZ" % (prefix, h, m, s)
-
-
 def render(t: _Template, round_: int, seq_start: int, t0: int, interval_s: int) -> bytes:
-    """Payload of round `round_` of a pump (the worker inlines this; tests use it)."""
+    """Payload of round `round_` of a pump (tests use it; the worker uses `_pacing.payload`,
+    the same bytes but for device time capped at the wall clock)."""
     epoch = t0 + round_ * interval_s + t.phase_s
     span = t.capacity_ml - t.alarm_ml - 0.5
     reservoir = t.capacity_ml - (t.used_ml + round_ * t.drain_ml) % span
@@ -386,11 +373,42 @@ def _work(index: int, config: LoadConfig, broker: BrokerOptions, plan: dict[str,
     for conn in conns:
         conn.connect()
     t0 = int(plan["t0"])
-    seq_start = int(plan["seq_start"])
-    interval = config.interval_s
-    # Per pump, flat for the hot loop: connection, topic, the four template parts,
-    # first device time, capacity, reservoir used at round 0, drain per round, refill span.
-    pumps = [
+    rows = _rows(shard, conns, t0)
+    _say(ready=True)
+    if sys.stdin.buffer.readline().strip() != b"go":
+        for conn in conns:
+            conn.close()
+        return _result(index, len(rows), 0.0, 0, conns, 0, 0, latency, 0.0, pump_bytes, [])
+
+    cpu0 = time.process_time()
+    links = _Links(conns, config.qos)
+    start = time.monotonic()
+    sent, shown = _window(links, rows, config, int(plan["seq_start"]), start)
+    elapsed = time.monotonic() - start
+    if config.qos:
+        links.drain(time.monotonic() + config.drain_timeout_s, shown, sent)
+    unacked = links.lost + sum(c.inflight for c in conns) if config.qos else 0
+    for conn in conns:
+        conn.close()
+    links.progress(sent)
+    return _result(
+        index,
+        len(rows),
+        elapsed,
+        sent,
+        conns,
+        unacked,
+        links.errors,
+        latency,
+        time.process_time() - cpu0,
+        pump_bytes,
+        links.errors_text,
+    )
+
+
+def _rows(shard: list[_Template], conns: list[Connection], t0: int) -> list[Row]:
+    """The pumps as flat rows for the hot loop (`_pacing.Row`), dealt over the connections."""
+    return [
         (
             conns[k % len(conns)],
             t.topic,
@@ -403,102 +421,124 @@ def _work(index: int, config: LoadConfig, broker: BrokerOptions, plan: dict[str,
         )
         for k, t in enumerate(shard)
     ]
-    n_pumps = len(pumps)
-    rate = config.rate / config.processes
-    total = round(config.rate * config.duration_s / config.processes)
-    min_batch = max(1, int(rate * 0.002))  # release in batches of about 2 ms
-    qos = config.qos
-    _say(ready=True)
-    if sys.stdin.buffer.readline().strip() != b"go":
-        for conn in conns:
-            conn.close()
-        return _result(index, n_pumps, 0.0, 0, conns, 0, 0, latency, 0.0, pump_bytes, [])
 
-    cpu0 = time.process_time()
-    sel = selectors.DefaultSelector()
-    sel.register(0, selectors.EVENT_READ, None)  # the parent's `stop`, or EOF
-    fds: dict[int, int] = {}
-    for conn in conns:
-        fds[id(conn)] = conn.fileno()
-        sel.register(fds[id(conn)], selectors.EVENT_READ, conn)
-    sent = lost = errors = 0
-    errors_text: list[str] = []
-    k = rnd = 0  # next pump, and the round it is in
-    start = time.monotonic()
+
+def _window(
+    links: _Links, rows: list[Row], config: LoadConfig, seq_start: int, start: float
+) -> tuple[int, float]:
+    """Send at the worker's rate until the window ends or the parent says `stop`; (the count,
+    when the counters were last told)."""
+    rate, total, min_batch = share(config.rate, config.duration_s, config.processes)
     end = start + config.duration_s
+    qos, interval = config.qos, config.interval_s
+    sent = k = rnd = 0  # sent so far; the next pump, and the round it is in
     housekeeping = start
     wall_cap = int(time.time())
     stopped = False
-    iso = _iso
+    while not stopped:
+        now = time.monotonic()
+        batch, last = release(now, start, end, rate, sent, total, min_batch)
+        if batch:
+            n, k, rnd = _publish(rows, k, rnd, batch, qos, now, seq_start, interval, wall_cap)
+            sent += n
+            links.flush()
+        if last:
+            break
+        pending = links.pending()
+        t, stopped = links.poll(
+            select_timeout(time.monotonic(), start, sent, min_batch, rate, pending)
+        )
+        if t - housekeeping > 0.1:
+            housekeeping = t
+            wall_cap = int(time.time())
+            links.tick(t)
+            links.progress(sent)
+    return sent, housekeeping
 
-    def broken(conn: Connection, exc: Exception | None) -> None:
+
+def _publish(
+    rows: list[Row],
+    k: int,
+    rnd: int,
+    batch: int,
+    qos: int,
+    now: float,
+    seq_start: int,
+    interval: int,
+    wall_cap: int,
+) -> tuple[int, int, int]:
+    """Queue up to `batch` messages from pump `k` of round `rnd` on, stopping early at a full
+    window or a lost connection; returns (queued, next pump, its round)."""
+    n_pumps = len(rows)
+    make = payload
+    n = 0
+    while n < batch:
+        p = rows[k]
+        conn = p[0]
+        if (qos and conn.inflight >= conn.window) or not conn.connected:
+            break  # backpressure, or reconnecting: wait
+        conn.publish(p[1], make(p, rnd, seq_start, interval, wall_cap), qos=qos, now=now)
+        n += 1
+        k += 1
+        if k == n_pumps:
+            k = 0
+            rnd += 1
+    return n, k, rnd
+
+
+class _Links:
+    """A worker's connections and what happens to them: the selector over them and the
+    parent's stdin, writes, reads, keep-alive, reconnects, and the counts of what was lost."""
+
+    def __init__(self, conns: list[Connection], qos: int) -> None:
+        self.conns = conns
+        self.qos = qos
+        self.lost = self.errors = 0
+        self.errors_text: list[str] = []
+        self.sel = selectors.DefaultSelector()
+        self.sel.register(0, selectors.EVENT_READ, None)  # the parent's `stop`, or EOF
+        self._fds: dict[int, int] = {}
+        for conn in conns:
+            self._register(conn)
+
+    def _register(self, conn: Connection) -> None:
+        self._fds[id(conn)] = conn.fileno()
+        self.sel.register(self._fds[id(conn)], selectors.EVENT_READ, conn)
+
+    def broken(self, conn: Connection, exc: Exception | None) -> None:
         """Count the connection's unacknowledged publishes as lost; reconnect (or try later)."""
-        nonlocal lost, errors
         if exc is not None:
-            errors += 1
-            errors_text.append(str(exc))
+            self.errors += 1
+            self.errors_text.append(str(exc))
             log.warning("connection lost; reconnecting", extra={"error": str(exc)})
-        lost += conn.inflight if qos else 0
+        self.lost += conn.inflight if self.qos else 0
         conn.reset()
-        fd = fds.pop(id(conn), None)
+        fd = self._fds.pop(id(conn), None)
         if fd is not None:
-            sel.unregister(fd)
+            self.sel.unregister(fd)
         try:
             conn.connect()
         except ConnectError:
             time.sleep(0.2)  # housekeeping tries again
             return
-        fds[id(conn)] = conn.fileno()
-        sel.register(fds[id(conn)], selectors.EVENT_READ, conn)
+        self._register(conn)
 
-    def progress() -> None:
-        _say(progress=[sent, *_counts(conns), lost, errors])
+    def flush(self) -> None:
+        """Write what the connected connections have queued."""
+        for conn in self.conns:
+            if conn.connected and conn.wants_write:
+                try:
+                    conn.write()
+                except ConnectionLost as exc:
+                    self.broken(conn, exc)
 
-    while not stopped:
-        now = time.monotonic()
-        last = now >= end  # send what is left (if the window allows), then stop
-        due = (total if last else min(int((now - start) * rate) + 1, total)) - sent
-        if due >= min_batch or (due > 0 and (last or now + 0.002 >= end or sent + due == total)):
-            batch = min(due, 8192)
-            while batch > 0:
-                p = pumps[k]
-                conn = p[0]
-                if (qos and conn.inflight >= conn.window) or not conn.connected:
-                    break  # backpressure, or reconnecting: wait
-                epoch = p[6] + rnd * interval
-                if epoch > wall_cap:
-                    epoch = wall_cap
-                reservoir = p[7] - (p[8] + rnd * p[9]) % p[10]
-                payload = b"".join(
-                    (
-                        p[2],
-                        iso(epoch),
-                        p[3],
-                        b"%d" % (seq_start + rnd),
-                        p[4],
-                        b"%.3f" % reservoir,
-                        p[5],
-                    )
-                )
-                conn.publish(p[1], payload, qos=qos, now=now)
-                sent += 1
-                batch -= 1
-                k += 1
-                if k == n_pumps:
-                    k = 0
-                    rnd += 1
-            for conn in conns:
-                if conn.connected and conn.wants_write:
-                    try:
-                        conn.write()
-                    except ConnectionLost as exc:
-                        broken(conn, exc)
-        if last:
-            break
-        pending = any(c.wants_write for c in conns)
-        wait = start + (sent + min_batch) / rate - time.monotonic()
-        timeout = 0.0005 if pending else min(max(wait, 0.0), 0.01)
-        events = sel.select(timeout)
+    def pending(self) -> bool:
+        return any(c.wants_write for c in self.conns)
+
+    def poll(self, timeout: float) -> tuple[float, bool]:
+        """Wait up to `timeout`, read what arrived; (the time after the wait, `stop` seen)."""
+        stopped = False
+        events = self.sel.select(timeout)
         t = time.monotonic()
         for key, _ in events:
             conn = key.data
@@ -508,56 +548,41 @@ def _work(index: int, config: LoadConfig, broker: BrokerOptions, plan: dict[str,
             try:
                 conn.read(t)
             except ConnectionLost as exc:
-                broken(conn, exc)
-        if t - housekeeping > 0.1:
-            housekeeping = t
-            wall_cap = int(time.time())
-            for conn in conns:
-                if not conn.connected:
-                    broken(conn, None)
-                    continue
-                try:
-                    conn.tick(t)
-                except ConnectionLost as exc:
-                    broken(conn, exc)
-            progress()
-    elapsed = time.monotonic() - start
-    deadline = time.monotonic() + config.drain_timeout_s
-    while qos and time.monotonic() < deadline:
-        for conn in conns:
-            if conn.connected and conn.wants_write:
-                try:
-                    conn.write()
-                except ConnectionLost as exc:
-                    broken(conn, exc)
-        if not any(c.inflight or c.wants_write for c in conns if c.connected):
-            break
-        for key, _ in sel.select(0.01):
-            if key.data is not None:
-                try:
-                    key.data.read()
-                except ConnectionLost as exc:
-                    broken(key.data, exc)
-        if time.monotonic() - housekeeping > 0.1:
-            housekeeping = time.monotonic()
-            progress()
-    unacked = lost + sum(c.inflight for c in conns) if qos else 0
-    for conn in conns:
-        conn.close()
-    progress()
-    return _result(
-        index,
-        n_pumps,
-        elapsed,
-        sent,
-        conns,
-        unacked,
-        errors,
-        latency,
-        time.process_time() - cpu0,
-        pump_bytes,
-        errors_text,
-    )
+                self.broken(conn, exc)
+        return t, stopped
+
+    def tick(self, t: float) -> None:
+        """Keep-alive, and reconnect those that are down."""
+        for conn in self.conns:
+            if not conn.connected:
+                self.broken(conn, None)
+                continue
+            try:
+                conn.tick(t)
+            except ConnectionLost as exc:
+                self.broken(conn, exc)
+
+    def drain(self, deadline: float, shown: float, sent: int) -> None:
+        """After the window: write and read until nothing is in flight or it is `deadline`;
+        the counters (`sent` of them the sender's) are told every 0.1 s after `shown`."""
+        housekeeping = shown
+        while time.monotonic() < deadline:
+            self.flush()
+            if not any(c.inflight or c.wants_write for c in self.conns if c.connected):
+                break
+            for key, _ in self.sel.select(0.01):
+                if key.data is not None:
+                    try:
+                        key.data.read()
+                    except ConnectionLost as exc:
+                        self.broken(key.data, exc)
+            if time.monotonic() - housekeeping > 0.1:
+                housekeeping = time.monotonic()
+                self.progress(sent)
+
+    def progress(self, sent: int) -> None:
+        """Tell the parent the counters (the live line)."""
+        _say(progress=[sent, *_counts(self.conns), self.lost, self.errors])
 
 
 def _counts(conns: list[Connection]) -> list[int]:

@@ -32,6 +32,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import asyncpg
+from _figures import record
 
 sys.path.insert(0, str(Path(__file__).parent))
 from ingest_bench import Watched, fresh_db, publish
@@ -299,6 +300,14 @@ async def one_run(args: argparse.Namespace) -> tuple[float, float]:
             f"{percentiles(am_lat)}"
         )
         print(f"ingester CPU {cpu:.0f} s over the run")
+        for kind, lat in (("row", db_lat), ("am", am_lat)):
+            v = sorted(lat)
+            if v:
+                what = "fault -> " + ("alert row" if kind == "row" else "Alertmanager")
+                p50, p99_ = v[len(v) // 2], v[min(len(v) - 1, int(0.99 * len(v)))]
+                record(f"alert.{kind}_p50_ms", p50 * 1000, "ms", "lower", what + " p50")
+                record(f"alert.{kind}_p99_ms", p99_ * 1000, "ms", "lower", what + " p99")
+            record(f"alert.{kind}_missed", len(fault_at) - len(v), "faults", "lower", what)
         return p99(db_lat), p99(am_lat)
 
 

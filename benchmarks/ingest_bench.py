@@ -23,6 +23,7 @@ import json
 import multiprocessing as mp
 import os
 import re
+import shutil
 import signal
 import statistics
 import subprocess
@@ -37,6 +38,7 @@ from pathlib import Path
 
 import asyncpg
 import paho.mqtt.client as mqtt
+from _figures import record
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
@@ -399,6 +401,72 @@ async def bare_db_insert(info: stack_mod.StackInfo, n: int) -> float:
     return n / elapsed
 
 
+async def bare_copy(info: stack_mod.StackInfo, n: int) -> float:
+    """The database's own ceiling: COPY of ready rows straight into the same telemetry table
+    (no staging, no dedup, no alert feed), in batches of 2,000 like the ingester's."""
+    dsn = await fresh_db(info, f"bench_copy_{uuid.uuid4().hex[:6]}")
+    now = datetime.now(UTC) - timedelta(days=30)
+    conn = await asyncpg.connect(dsn)
+    try:
+        columns = [
+            r["column_name"]
+            for r in await conn.fetch(
+                "SELECT column_name FROM information_schema.columns WHERE table_name = "
+                "'telemetry' AND column_default IS NULL AND column_name <> 'received_at' "
+                "ORDER BY ordinal_position"
+            )
+        ]
+        rows = []
+        for i in range(n):
+            pump = f"C-{i % 1000:05d}"
+            m = contract.decode(
+                contract.topic(pump, "telemetry"),
+                _payload(pump, i // 1000, now + timedelta(seconds=i)),
+            )
+            values = [getattr(m, c) for c in columns]
+            rows.append(tuple(getattr(v, "value", v) for v in values))
+        start = time.perf_counter()
+        for i in range(0, n, 2000):
+            await conn.copy_records_to_table(
+                "telemetry", columns=columns, records=rows[i : i + 2000]
+            )
+        elapsed = time.perf_counter() - start
+    finally:
+        await conn.close()
+    return n / elapsed
+
+
+def mosquitto_c_clients(info: stack_mod.StackInfo, n: int) -> tuple[float, float]:
+    """The broker's own ceilings, with mosquitto's C clients at QoS 1: mosquitto_pub -l sends n
+    telemetry payloads (1,000 in flight) into a persistent session made beforehand, then
+    mosquitto_sub resumes that session and drains the queued backlog, as the ingester does.
+    Returns (publish msg/s, drain msg/s)."""
+    if shutil.which("mosquitto_pub") is None or shutil.which("mosquitto_sub") is None:
+        raise SystemExit("mosquitto_pub/mosquitto_sub missing: apt-get install mosquitto-clients")
+    sub_b = BrokerOptions.from_url(info.mqtt_url_for("ingest"))
+    pub_b = BrokerOptions.from_url(info.mqtt_url_for("fleet"))
+
+    def login(b: BrokerOptions) -> list[str]:
+        return ["-h", b.host, "-p", str(b.port), "-u", b.username or "", "-P", b.password or ""]
+
+    cid = f"bench-c-{uuid.uuid4().hex[:6]}"
+    sub = ["mosquitto_sub", *login(sub_b), "-q", "1", "-c", "-i", cid]
+    sub += ["-t", contract.subscription()]
+    subprocess.run([*sub, "-E"], check=True, timeout=30, stdout=subprocess.DEVNULL)
+    now = datetime.now(UTC) - timedelta(days=1)
+    lines = b"".join(
+        _payload("C-00001", i, now + timedelta(microseconds=i)) + b"\n" for i in range(n)
+    )
+    topic = contract.topic("C-00001", "telemetry")
+    pub = ["mosquitto_pub", *login(pub_b), "-q", "1", "-M", "1000", "-l", "-t", topic]
+    start = time.perf_counter()
+    subprocess.run(pub, input=lines, check=True, timeout=600)
+    published = time.perf_counter()
+    subprocess.run([*sub, "-C", str(n)], check=True, timeout=600, stdout=subprocess.DEVNULL)
+    drained = time.perf_counter()
+    return n / (published - start), n / (drained - published)
+
+
 async def ingester_drain(
     info: stack_mod.StackInfo, n: int, workers: int, workdir: Path, naive: bool = False
 ) -> dict[str, float]:
@@ -601,8 +669,12 @@ async def main() -> None:
         if "raw" not in skip:
             res["stock_mqtt"] = bare_mqtt_drain(info, args.backlog, args.workers, False)
             print(f"raw: stock paho subscriber, ack only:  {res['stock_mqtt']:>9,.0f} msg/s")
+            record(
+                "raw.paho_stock", res["stock_mqtt"], "msg/s", what="stock paho subscriber, ack only"
+            )
             res["bare_mqtt"] = bare_mqtt_drain(info, args.backlog, args.workers, True)
             print(f"raw: buffered paho subscriber, ack:    {res['bare_mqtt']:>9,.0f} msg/s")
+            record("raw.paho_buffered", res["bare_mqtt"], "msg/s", what="paho, buffered socket")
             old_cls = mqtt_client_at(args.old_mqtt_rev)
             from ingest.mqtt import Client as NewClient
 
@@ -615,14 +687,34 @@ async def main() -> None:
                     rate = raw_path_drain(info, args.backlog, args.workers, cls)
                     res.setdefault(f"raw_path_{label}", []).append(rate)  # type: ignore[union-attr]
                     print(f"raw: ingester MQTT path, {what}, run {rep + 1}: {rate:>9,.0f} msg/s")
+                    record(
+                        f"raw.mqtt_path_{label}", rate, "msg/s", what=f"ingester MQTT path, {what}"
+                    )
             old_med = statistics.median(res["raw_path_old"])  # type: ignore[arg-type]
             new_med = statistics.median(res["raw_path_new"])  # type: ignore[arg-type]
             print(f"raw: ingester MQTT path, new / old (medians): {new_med / old_med:.2f}")
             res["bare_db"] = await bare_db_insert(info, args.backlog)
-            print(f"raw: asyncpg unnest insert (no MQTT):  {res['bare_db']:>9,.0f} rows/s")
+            print(f"raw: write_batch, ready rows (no MQTT): {res['bare_db']:>9,.0f} rows/s")
+            record(
+                "raw.write_batch", res["bare_db"], "rows/s", what="the ingester's write, no MQTT"
+            )
+            res["bare_copy"] = await bare_copy(info, args.backlog)
+            print(f"raw: COPY into telemetry (no MQTT):    {res['bare_copy']:>9,.0f} rows/s")
+            record("peer.copy", res["bare_copy"], "rows/s", what="COPY into the same table")
+            c_pub, c_drain = mosquitto_c_clients(info, args.backlog)
+            res["mosquitto_c"] = c_drain
+            print(f"raw: mosquitto_pub, QoS 1 publish:     {c_pub:>9,.0f} msg/s")
+            print(f"raw: mosquitto_sub, QoS 1 drain:       {c_drain:>9,.0f} msg/s")
+            record("peer.mosquitto_pub", c_pub, "msg/s", what="mosquitto_pub -l, QoS 1")
+            record("peer.mosquitto_sub", c_drain, "msg/s", what="mosquitto_sub, queued backlog")
         if "drain" not in skip:
             d = await ingester_drain(info, args.backlog, args.workers, workdir)
             res["drain"] = d
+            record("drain.rate", d["rate"], "msg/s", what="backlog drain, from process start")
+            record("drain.steady", d["steady"], "msg/s", what="backlog drain, first to last commit")
+            record("drain.cpu_pct", d["cpu_pct"], "% of a core", "lower", what="ingester CPU")
+            record("drain.rss_mb", d["rss_mb"], "MB", "lower", what="ingester peak RSS")
+            record("drain.lost", d["loss"] + d["dup"], "messages", "lower", what="lost + doubled")
             print(
                 f"backlog drain, {args.backlog:,} msgs:       {d['rate']:>9,.0f} msg/s "
                 f"from process start, {d['steady']:,.0f} msg/s first to last commit "
@@ -633,6 +725,7 @@ async def main() -> None:
         if "naive" not in skip:
             nv = await ingester_drain(info, args.naive, args.workers, workdir, naive=True)
             res["naive"] = nv
+            record("peer.naive", nv["rate"], "msg/s", what="naive ingester, one INSERT each")
             print(
                 f"naive drain, {args.naive:,} msgs:          {nv['rate']:>9,.0f} msg/s "
                 f"(CPU {nv['cpu_pct']:.0f} %, loss {nv['loss']:.0f}, dup {nv['dup']:.0f})"
@@ -640,6 +733,13 @@ async def main() -> None:
         if "sustained" not in skip:
             s = await sustained(info, args.rate, args.seconds, workdir)
             res["sustained"] = s
+            record("sustained.acked", s["achieved"], "msg/s", what="sim load acknowledged")
+            record("sustained.p50_ms", s["p50"] * 1000, "ms", "lower", what="publish-to-commit p50")
+            record("sustained.p99_ms", s["p99"] * 1000, "ms", "lower", what="publish-to-commit p99")
+            record("sustained.cpu_pct", s["cpu_pct"], "% of a core", "lower", what="ingester CPU")
+            record(
+                "sustained.lost", s["loss"] + s["dup"], "messages", "lower", what="lost + doubled"
+            )
             print(
                 f"sustained {s['offered']:,.0f} msg/s offered for {args.seconds:.0f} s by "
                 f"`pumpfleet sim load` (10,000 pumps): acknowledged {s['achieved']:,.0f} msg/s; "

@@ -26,6 +26,7 @@ import uuid
 from pathlib import Path
 
 import asyncpg
+from _figures import record
 
 sys.path.insert(0, str(Path(__file__).parent))
 from ingest_bench import (
@@ -205,6 +206,10 @@ async def main() -> None:
         for _ in range(args.repeat):
             r = await drain(info, args.backlog, args.workers, workdir)
             runs.append(r)
+            record(
+                "peer.nodered", r["steady"], "msg/s", what="Node-RED drain, first to last insert"
+            )
+            record("peer.nodered_lost", r["loss"] + r["dup"], "messages", "lower", "lost + doubled")
             print(
                 f"  Node-RED drain of {args.backlog:,}: {r['steady']:,.0f} msg/s steady "
                 f"({r['rate']:,.0f} with start-up), CPU {r['cpu_pct']:.0f} %, "

@@ -28,6 +28,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import asyncpg
+from _figures import record
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
@@ -39,6 +40,7 @@ from ingest_bench import (
     ingester_env,
     loss_and_duplicates,
     publish,
+    wait_count,
 )
 
 from pumpfleet import alertmanager, contract
@@ -160,17 +162,23 @@ def _stall(mqtt_url: str, pump_id: str) -> float:
 
 
 async def alarm(
-    info: stack_mod.StackInfo, am: alertmanager.Alertmanager, n: int, urgent: bool, work: Path
+    info: stack_mod.StackInfo,
+    am: alertmanager.Alertmanager,
+    n: int,
+    urgent: bool,
+    work: Path,
+    pumps: int = 1000,
 ) -> dict[str, float]:
     dsn = await fresh_db(info, f"alarm_{int(urgent)}_{uuid.uuid4().hex[:6]}")
     cid = f"alarm-{uuid.uuid4().hex[:6]}"
     session(info.mqtt_url_for("ingest"), cid, contract.subscription())
     session(info.mqtt_url_for("ingest"), f"{cid}-urgent", contract.subscription("event"))
-    publish(info.mqtt_url_for("fleet"), n, 4)
+    publish(info.mqtt_url_for("fleet"), n, 4, pumps_per_worker=max(1, pumps // 4))
     env = ingester_env(info, dsn, cid)
     env["PUMPFLEET_INGEST__URGENT_LANE"] = "true" if urgent else "false"
     env["PUMPFLEET_ALERTS__ALERTMANAGER_URL"] = am.url
     env["PUMPFLEET_ALERTS__METRICS_PORT"] = "0"
+    started = time.perf_counter()
     ingester = Watched([sys.executable, "-m", "pumpfleet.cli", "ingest"], env, work / f"{cid}.log")
     alerting = Watched(
         [sys.executable, "-m", "pumpfleet.cli", "alerting"], env, work / f"{cid}-alerting.log"
@@ -195,6 +203,7 @@ async def alarm(
                 await asyncio.sleep(0.02)
         finally:
             await conn.close()
+        drained_at = await wait_count(dsn, n, timeout=1800)  # the whole backlog stored
     finally:
         ingester.stop()
         alerting.stop()
@@ -202,6 +211,7 @@ async def alarm(
         "backlog_left": backlog_left,
         "to_row_s": (in_db - sent) if in_db else float("nan"),
         "to_am_s": (am_at - sent) if am_at else float("nan"),
+        "drain_s": drained_at - started,
     }
 
 
@@ -215,6 +225,9 @@ async def main() -> None:
     ap.add_argument("--drain", type=int, default=200_000, help="backlog for the drain figure")
     ap.add_argument("--alarm-backlog", type=int, default=300_000, help="backlog for the alarm")
     ap.add_argument("--skip", default="", help="comma list: drain,alarm")
+    ap.add_argument(
+        "--pumps", type=int, default=1000, help="pumps the alarm's backlog comes from (1000)"
+    )
     args = ap.parse_args()
     skip = set(filter(None, args.skip.split(",")))
     with tempfile.TemporaryDirectory(prefix="scale-bench-") as tmp:
@@ -230,6 +243,12 @@ async def main() -> None:
                         f"CPU {r['cpu_s']:.0f} s, loss {r['loss']:.0f}, dup {r['dup']:.0f})"
                     )
                 print(f"  ratio two/one: {two['rate'] / one['rate']:.2f}")
+                record("scale.one", one["rate"], "msg/s", what="drain, one ingester")
+                record(
+                    "scale.two", two["rate"], "msg/s", what="drain, two on a shared subscription"
+                )
+                record("scale.judge", one["judge_rate"], "msg/s", what="alerting judging the feed")
+                record("scale.judge_cpu_us", one["judge_cpu_us"], "us/msg", "lower", "alerting CPU")
                 print(
                     f"alerting judging that feed: {one['judge_rate']:,.0f} msg/s, "
                     f"{one['judge_cpu_us']:.0f} us CPU per message (start-up included)"
@@ -237,16 +256,22 @@ async def main() -> None:
             if "alarm" not in skip:
                 am = alertmanager.start(work / "am", "http://127.0.0.1:9/none")
                 try:
-                    on = await alarm(info, am, args.alarm_backlog, True, work)
-                    off = await alarm(info, am, args.alarm_backlog, False, work)
+                    on = await alarm(info, am, args.alarm_backlog, True, work, args.pumps)
+                    off = await alarm(info, am, args.alarm_backlog, False, work, args.pumps)
                 finally:
                     alertmanager.stop(am)
                 print(f"motor stall published behind {args.alarm_backlog:,} queued messages:")
                 for name, r in (("urgent lane on", on), ("urgent lane off", off)):
                     print(
                         f"  {name:<16} to alert row {r['to_row_s']:7.2f} s, to Alertmanager "
-                        f"{r['to_am_s']:7.2f} s  ({r['backlog_left']:,.0f} still queued)"
+                        f"{r['to_am_s']:7.2f} s  ({r['backlog_left']:,.0f} still queued; whole "
+                        f"backlog stored {r['drain_s']:.1f} s after the ingester started)"
                     )
+                for lane, r in (("on", on), ("off", off)):
+                    what = f"urgent lane {lane}"
+                    record(f"recovery.{lane}.row_s", r["to_row_s"], "s", "lower", what)
+                    record(f"recovery.{lane}.am_s", r["to_am_s"], "s", "lower", what)
+                    record(f"recovery.{lane}.drain_s", r["drain_s"], "s", "lower", what)
 
 
 if __name__ == "__main__":

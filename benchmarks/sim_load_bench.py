@@ -33,6 +33,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from _figures import record
+
 import sim_fleet
 from pumpfleet import stack as stack_mod
 from pumpfleet.broker import BrokerOptions
@@ -201,6 +203,7 @@ def bench(
         f"{base['elapsed_s']:.1f} s = {base['rate']:,.0f} msg/s "
         f"(client CPU {base['cpu_s']:.1f} s, broker CPU {base_broker:.1f} s)"
     )
+    record("load.paho_baseline", base["rate"], "msg/s", what="one paho client, QoS 1")
     print()
     header = (
         f"{'code':>8} {'target':>8} {'sent/s':>8} {'acked/s':>8} {'x paho':>7} {'failed':>7} "
@@ -217,6 +220,11 @@ def bench(
             for code, env in order:
                 report, broker_cpu = run_rate(info, mqtt_pid, args, rate, env)
                 summary.setdefault((code, rate), []).append(report)
+                if code == "now":
+                    what = f"sim load at {rate:,.0f} msg/s offered, {args.pumps:,} pumps"
+                    record(f"load.acked_{rate:.0f}", report.acked_rate, "msg/s", what=what)
+                    us = report.cpu_s / max(report.sent, 1) * 1e6
+                    record(f"load.cpu_us_{rate:.0f}", us, "us/msg", "lower", what)
                 details.append(report)
                 print(row(code, rate, report, broker_cpu, base["rate"]))
     print()

@@ -266,7 +266,7 @@ def make_session(mqtt_url: str, client_id: str) -> None:
 def bare_mqtt_drain(info: stack_mod.StackInfo, n: int, workers: int, buffered: bool) -> float:
     """The MQTT ceiling in Python: a paho subscriber that acks each message and does nothing
     (stock paho, or paho with the ingester's buffered socket)."""
-    from ingest.mqtt import Client as BufferedClient
+    from ingest._mqtt import Client as BufferedClient
 
     cid = f"bench-bare-{uuid.uuid4().hex[:6]}"
     make_session(info.mqtt_url_for("ingest"), cid)
@@ -306,20 +306,20 @@ def bare_mqtt_drain(info: stack_mod.StackInfo, n: int, workers: int, buffered: b
 
 
 OLD_MQTT_REV = "56bed13"
-"""The last commit whose ingest/mqtt.py framed packets through paho's internals (before mqtt5)."""
+"""The last commit whose ingest/_mqtt.py framed packets through paho's internals (before mqtt5)."""
 
 
 def mqtt_client_at(rev: str) -> type[mqtt.Client]:
-    """`ingest/mqtt.py`'s Client as it was at `rev`, loaded from git beside today's."""
+    """`ingest/_mqtt.py`'s Client as it was at `rev`, loaded from git beside today's."""
     source = subprocess.run(
-        ["git", "show", f"{rev}:ingest/mqtt.py"],
+        ["git", "show", f"{rev}:ingest/_mqtt.py"],
         cwd=Path(__file__).resolve().parents[1],
         check=True,
         capture_output=True,
         text=True,
     ).stdout
     module = types.ModuleType(f"ingest_mqtt_at_{rev[:8]}")
-    exec(compile(source, f"{rev[:8]}:ingest/mqtt.py", "exec"), module.__dict__)
+    exec(compile(source, f"{rev[:8]}:ingest/_mqtt.py", "exec"), module.__dict__)
     client: type[mqtt.Client] = module.Client
     return client
 
@@ -329,7 +329,7 @@ def raw_path_drain(
 ) -> float:
     """The ingester's own MQTT path without validation or database: QoS 1 PUBLISHes to
     `on_raw_message` on paho's thread, their PUBACKs batched by another thread (`ack_many`),
-    as ingest/service.py does after each commit."""
+    as ingest/_service.py does after each commit."""
     import queue
 
     cid = f"bench-rawpath-{uuid.uuid4().hex[:6]}"
@@ -380,7 +380,7 @@ def raw_path_drain(
 
 async def bare_db_insert(info: stack_mod.StackInfo, n: int) -> float:
     """The database ceiling: asyncpg unnest batches of ready rows, dedup key and all."""
-    from ingest.store import prepare, write_batch
+    from ingest._store import prepare, write_batch
 
     dsn = await fresh_db(info, f"bench_rawdb_{uuid.uuid4().hex[:6]}")
     now = datetime.now(UTC) - timedelta(days=30)
@@ -655,7 +655,7 @@ async def main() -> None:
     ap.add_argument("--quick", action="store_true", help="backlog 20,000; 10 s sustained")
     ap.add_argument("--skip", default="", help="comma list: raw,drain,naive,sustained")
     ap.add_argument(
-        "--old-mqtt-rev", default=OLD_MQTT_REV, help="git revision of the old ingest/mqtt.py"
+        "--old-mqtt-rev", default=OLD_MQTT_REV, help="git revision of the old ingest/_mqtt.py"
     )
     ap.add_argument("--repeats", type=int, default=3, help="runs of each side-by-side stage")
     args = ap.parse_args()
@@ -676,7 +676,7 @@ async def main() -> None:
             print(f"raw: buffered paho subscriber, ack:    {res['bare_mqtt']:>9,.0f} msg/s")
             record("raw.paho_buffered", res["bare_mqtt"], "msg/s", what="paho, buffered socket")
             old_cls = mqtt_client_at(args.old_mqtt_rev)
-            from ingest.mqtt import Client as NewClient
+            from ingest._mqtt import Client as NewClient
 
             sides = {
                 "old": (old_cls, f"paho internals, {args.old_mqtt_rev}"),

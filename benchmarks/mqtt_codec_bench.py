@@ -6,7 +6,7 @@ encoder it replaced, side by side in one run.
   per packet; mqtt5's head encoded once with the packet id appended (what `Connection` does);
   `mqtt5.read()` of the PUBLISH and of the PUBACK; and a PUBACK matched against the bytes mqtt5
   writes for one (what `Connection` does for success PUBACKs).
-- The publisher (`sim_fleet.mqtt.Connection`), old and new, connected over loopback to a stub
+- The publisher (`sim_fleet._mqtt.Connection`), old and new, connected over loopback to a stub
   broker: QoS 1 publishes queued per second (encoding, message id and send-time bookkeeping),
   and PUBACKs handled per second by `read()` (decoding, matching, latency histogram), both
   success PUBACKs and mosquitto's 0x10 (no matching subscribers: every topic nobody subscribes
@@ -15,7 +15,7 @@ encoder it replaced, side by side in one run.
 Each figure is the best of `--rounds`: on a machine shared with other work, the fastest round is
 the one least disturbed, and the ratio of the bests is the steadiest new / old figure.
 
-The old code is `sim_fleet/mqtt.py` at `--old-rev` (default: the last commit with the
+The old code is `sim_fleet/_mqtt.py` at `--old-rev` (default: the last commit with the
 hand-written encoder), loaded from `git show` into a temporary module.
 
     .venv/bin/python benchmarks/mqtt_codec_bench.py [--rounds 15] [--old-rev REV]
@@ -39,8 +39,8 @@ from typing import Any
 import mqtt5
 
 from pumpfleet.broker import BrokerOptions
-from sim_fleet import mqtt as new_mqtt
-from sim_fleet.load import LoadConfig, render, templates
+from sim_fleet import _mqtt as new_mqtt
+from sim_fleet._load import LoadConfig, render, templates
 
 _ROOT = Path(__file__).resolve().parent.parent
 _BATCH = 8192
@@ -48,9 +48,9 @@ _CONNACK = mqtt5.ConnAckPacket().write()
 
 
 def old_module(rev: str) -> ModuleType:
-    """`sim_fleet/mqtt.py` as it was at `rev`, imported under another name."""
+    """`sim_fleet/_mqtt.py` as it was at `rev`, imported under another name."""
     source = subprocess.run(
-        ["git", "show", f"{rev}:sim_fleet/mqtt.py"],
+        ["git", "show", f"{rev}:sim_fleet/_mqtt.py"],
         cwd=_ROOT,
         check=True,
         capture_output=True,
@@ -243,7 +243,7 @@ def publishers(old: ModuleType, rounds: int) -> None:
                 results[name, r.value].append(got)
     print()
     print(
-        f"publisher (sim_fleet.mqtt.Connection), QoS 1, {len(shard)} pumps' load payloads "
+        f"publisher (sim_fleet._mqtt.Connection), QoS 1, {len(shard)} pumps' load payloads "
         f"({size:.0f} B on average), rounds of {_BATCH:,}, best of {rounds}:"
     )
     print(
@@ -275,7 +275,7 @@ def main() -> None:
     parser.add_argument(
         "--old-rev",
         default="98aa747",
-        help="git revision whose sim_fleet/mqtt.py is the old code (98aa747)",
+        help="git revision whose sim_fleet/_mqtt.py is the old code (98aa747)",
     )
     args = parser.parse_args()
     old = old_module(args.old_rev)

@@ -53,6 +53,7 @@ class Suite:
 
 SUITES = (
     Suite("decode", "decode_bench.py", "decode and validate one telemetry payload"),
+    Suite("rules", "rules_bench.py --pumps 10000 --hours 6", "the rule engine alone, 10,000 pumps"),
     Suite(
         "ingest",
         "ingest_bench.py --backlog 200000 --naive 20000 --seconds 30 --repeats 1",
@@ -83,6 +84,7 @@ SUITES = (
     Suite("storage", "storage_bench.py", "database bytes per pump-year", repeats=1),
 )
 QUICK = {  # --quick: the same figures from smaller runs, for a smoke check of the whole chain
+    "rules": "rules_bench.py --pumps 1000 --hours 2",
     "ingest": "ingest_bench.py --quick --repeats 1",
     "nodered": "nodered_bench.py --backlog 5000",
     "load": "sim_load_bench.py --rates 5000 --duration 5 --pumps 2000",
@@ -106,6 +108,7 @@ PEERS = (
 
 SECTIONS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("Decode and validate", ("decode.contract", "decode.orjson", "decode.json")),
+    ("The rule engine alone", ("rules.observe_per_s", "rules.tick_ms", "rules.state_b_per_pump")),
     (
         "Backlog drain (200,000 queued messages: validate, dedup, store, ack after commit)",
         ("drain.rate", "drain.steady", "drain.cpu_pct", "drain.rss_mb", "drain.lost"),

@@ -9,7 +9,7 @@ and prints each rate as a ratio to the paho baseline. Everything shares this mac
 
 With `--compare-with REV`, each rate runs twice against the same broker, old and new alternating
 (`--repeat` times): once as now and once with the MQTT publisher and load worker
-(sim_fleet/mqtt.py, sim_fleet/load.py) as they were at REV, the rest of sim_fleet as now; the
+(sim_fleet/_mqtt.py, sim_fleet/_load.py) as they were at REV, the rest of sim_fleet as now; the
 old workers import a copy of the package from a temporary directory (PYTHONPATH, PYTHONSAFEPATH).
 
     .venv/bin/python benchmarks/sim_load_bench.py                  # 10 s per rate
@@ -38,7 +38,7 @@ from _figures import record
 import sim_fleet
 from pumpfleet import stack as stack_mod
 from pumpfleet.broker import BrokerOptions
-from sim_fleet.load import LoadConfig, LoadReport, render, run_load, templates
+from sim_fleet._load import LoadConfig, LoadReport, render, run_load, templates
 
 _TICK = os.sysconf("SC_CLK_TCK")
 _ROOT = Path(__file__).resolve().parent.parent
@@ -113,7 +113,7 @@ def old_code(rev: str) -> Iterator[dict[str, str]]:
         env = {"PYTHONPATH": tmp, "PYTHONSAFEPATH": "1"}
         with environment(env):
             where = subprocess.run(
-                [sys.executable, "-c", "import sim_fleet.mqtt as m; print(m.__file__)"],
+                [sys.executable, "-c", "import sim_fleet._mqtt as m; print(m.__file__)"],
                 check=True,
                 capture_output=True,
                 text=True,
@@ -171,7 +171,7 @@ def main() -> None:
     parser.add_argument(
         "--compare-with",
         metavar="REV",
-        help="also run each rate with sim_fleet/mqtt.py and load.py as at this git revision",
+        help="also run each rate with sim_fleet/_mqtt.py and load.py as at this git revision",
     )
     parser.add_argument("--repeat", type=int, default=1, help="runs per rate (and code)")
     args = parser.parse_args()

@@ -7,9 +7,9 @@ has its own door, `ingest.alerts`; the rule vocabulary (rule names, priorities, 
 the core's, `pumpfleet.findings`.
 """
 
+from ingest._service import Ingester, OnCommit, TokenBuckets
+from ingest._store import DeadLetter, WriteResult, prepare, write_batch
 from ingest.rules import PumpProfile, RuleEngine, Thresholds
-from ingest.service import Ingester, OnCommit, TokenBuckets
-from ingest.store import DeadLetter, WriteResult, prepare, write_batch
 
 __all__ = [
     "DeadLetter",

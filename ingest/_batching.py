@@ -1,4 +1,4 @@
-"""The ingester's batching decisions, apart from its I/O (ingest/service.py does the I/O).
+"""The ingester's batching decisions, apart from its I/O (ingest/_service.py does the I/O).
 
 Pure: no asyncio, no database, no broker, no clock. A time is always passed in (`now`), the
 queue and the results are plain values, and every function here is tested on its own
@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 from pumpfleet import contract
 
 if TYPE_CHECKING:
-    from ingest.store import DeadLetter, WriteResult
+    from ingest._store import DeadLetter, WriteResult
     from pumpfleet.contract import Message
 
 

@@ -51,7 +51,7 @@ def _run(
 
 async def _serve(settings: Settings) -> None:
     """One worker: the telemetry and status lane, and the urgent lane for events beside it."""
-    from ingest.service import Ingester
+    from ingest._service import Ingester
     from pumpfleet.contract import Kind
 
     if settings.ingest.urgent_lane:
@@ -112,7 +112,7 @@ def _run_alerting(ctx: typer.Context, metrics_port: MetricsPort = None) -> None:
 
 
 async def _serve_alerting(settings: Settings) -> None:
-    from ingest.alerts.service import AlertingService
+    from ingest.alerts import AlertingService
 
     service = AlertingService(settings)
     loop = asyncio.get_running_loop()

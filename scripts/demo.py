@@ -42,8 +42,8 @@ from rich.console import Console
 from pumpfleet import alertmanager, contract, schema, stack
 from pumpfleet.broker import BrokerOptions
 from pumpfleet.schema import registry
+from sim_fleet import _check as checking
 from sim_fleet import build_run, load_scenario
-from sim_fleet import check as checking
 
 RUN_DIR = Path(os.environ.get("PUMPFLEET_RUN_DIR", ".pumpfleet"))
 CREDENTIALS = RUN_DIR / "credentials"

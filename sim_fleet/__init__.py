@@ -9,7 +9,7 @@ load generator; `register_pumps`, `alert_baseline` and `wait_for_alerts` (`pumpf
 """
 
 from device_agent import Observation, ObservationKind
-from sim_fleet.check import (
+from sim_fleet._check import (
     CheckError,
     CheckResult,
     alert_baseline,
@@ -17,7 +17,7 @@ from sim_fleet.check import (
     register_pumps,
     wait_for_alerts,
 )
-from sim_fleet.fleet import (
+from sim_fleet._fleet import (
     FleetMix,
     advance_fleet,
     agent_driver,
@@ -25,8 +25,8 @@ from sim_fleet.fleet import (
     pump_id,
     routine_refill_days,
 )
-from sim_fleet.load import LoadConfig, LoadReport, run_load
-from sim_fleet.model import (
+from sim_fleet._load import LoadConfig, LoadReport, run_load
+from sim_fleet._model import (
     CONCENTRATIONS_MCG_PER_ML,
     EOS_AFTER_ERI_DAYS,
     LABELLED_FLOW_ACCURACY,
@@ -69,8 +69,8 @@ from sim_fleet.model import (
     scaled_schedule,
     worst_case_flow_ml_per_day,
 )
-from sim_fleet.run import RunOptions, RunStats, run_scenario
-from sim_fleet.scenario import (
+from sim_fleet._run import RunOptions, RunStats, run_scenario
+from sim_fleet._scenario import (
     RULES,
     TIMELINE_TYPES,
     ExpectedAlert,

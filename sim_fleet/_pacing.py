@@ -1,7 +1,7 @@
 """The load worker's decisions, without I/O: what to send when, and what each message says.
 
 Pure functions of their arguments (the caller passes `now`; nothing here reads a clock, a
-socket or the environment), so `sim_fleet.load` can unit-test them and keep its hot loop lean:
+socket or the environment), so `sim_fleet._load` can unit-test them and keep its hot loop lean:
 
 - `share`: one worker's rate, total and release batch (the token bucket's parameters);
 - `release`: how many messages to publish at `now`, and whether the window has ended;

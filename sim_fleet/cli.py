@@ -19,14 +19,14 @@ from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, T
 from pumpfleet import cli
 from pumpfleet.broker import BrokerConfigError, BrokerOptions
 from pumpfleet.settings import Settings
-from sim_fleet import check as checking
-from sim_fleet import detect as detecting
-from sim_fleet.fleet import FleetMix
-from sim_fleet.load import LoadConfig, LoadReport, run_load
-from sim_fleet.load import Progress as LoadProgress
-from sim_fleet.mqtt import ConnectError
-from sim_fleet.run import RunOptions, RunProgress, RunStats, run_scenario
-from sim_fleet.scenario import (
+from sim_fleet import _check as checking
+from sim_fleet import _detect as detecting
+from sim_fleet._fleet import FleetMix
+from sim_fleet._load import LoadConfig, LoadReport, run_load
+from sim_fleet._load import Progress as LoadProgress
+from sim_fleet._mqtt import ConnectError
+from sim_fleet._run import RunOptions, RunProgress, RunStats, run_scenario
+from sim_fleet._scenario import (
     ScenarioError,
     SimRun,
     build_run,
@@ -49,7 +49,7 @@ Scenario = Annotated[
     ),
 ]
 Family = StrEnum("Family", [(f, f) for f in detecting.FAMILIES])  # type: ignore[misc]
-"""`--family`: the pump families of sim_fleet.detect (typer takes a list of an Enum)."""
+"""`--family`: the pump families of sim_fleet._detect (typer takes a list of an Enum)."""
 
 
 def _speed(text: str) -> float | str:

@@ -453,11 +453,11 @@ async def test_a_connection_that_lost_its_place_is_replaced_not_fatal(
     the first write hits it a seeded number of times in a row, then a second wave follows."""
     import random
 
-    import ingest.service
+    import ingest._service
 
     rng = random.Random(seed)
     first, times = 0, rng.randint(1, 4)
-    real = ingest.service.write_batch
+    real = ingest._service.write_batch
     calls = 0
 
     async def flaky(*args: Any, **kwargs: Any) -> Any:
@@ -469,7 +469,7 @@ async def test_a_connection_that_lost_its_place_is_replaced_not_fatal(
             )
         return await real(*args, **kwargs)
 
-    monkeypatch.setattr(ingest.service, "write_batch", flaky)
+    monkeypatch.setattr(ingest._service, "write_batch", flaky)
     msgs = stream(pumps=5, per_pump=40)
     later = stream(pumps=5, per_pump=20, start_seq=40)
     async with running(settings_for(stack, db_url, client_ids(), batch_max=50)) as ing:

@@ -13,10 +13,10 @@ import asyncpg
 import pytest
 from tenacity import wait_none
 
-import ingest.service
+import ingest._service
 from ingest import DeadLetter, Ingester, WriteResult
-from ingest.alerts.notify import Notifier
-from ingest.alerts.service import Alerting, build_engine
+from ingest.alerts._notify import Notifier
+from ingest.alerts._service import Alerting, build_engine
 from pumpfleet.settings import AlertSettings, Settings
 
 
@@ -104,9 +104,9 @@ async def test_a_transient_write_error_drops_the_connection_and_the_batch_is_wri
         return WriteResult(dead_letters=1)
 
     monkeypatch.setattr(ing, "_open_db", open_db)
-    monkeypatch.setattr(ingest.service, "write_batch", flaky)
+    monkeypatch.setattr(ingest._service, "write_batch", flaky)
     dead = DeadLetter("pumps/P-1/telemetry", b"{", "not JSON", datetime.now(UTC))
-    batch = [ingest.service._Item(1, 1, 1, time.time(), dead.topic, dead.payload, None, dead)]
+    batch = [ingest._service._Item(1, 1, 1, time.time(), dead.topic, dead.payload, None, dead)]
     result = await ing._write(batch)
     assert result.dead_letters == 1 and calls == 3
     assert first.terminated and fresh[0].terminated and not fresh[1].terminated
@@ -124,9 +124,9 @@ async def test_a_data_error_is_not_retried_as_an_outage(monkeypatch: pytest.Monk
     async def refuse(*args: Any, **kwargs: Any) -> WriteResult:
         raise ValueError("a bug, not an outage")
 
-    monkeypatch.setattr(ingest.service, "write_batch", refuse)
+    monkeypatch.setattr(ingest._service, "write_batch", refuse)
     dead = DeadLetter("pumps/P-1/telemetry", b"{", "not JSON", datetime.now(UTC))
-    batch = [ingest.service._Item(1, 1, 1, time.time(), dead.topic, dead.payload, None, dead)]
+    batch = [ingest._service._Item(1, 1, 1, time.time(), dead.topic, dead.payload, None, dead)]
     with pytest.raises(ValueError, match="a bug"):
         await ing._write(batch)
     assert ing.stats.db_errors == 0

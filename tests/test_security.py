@@ -20,10 +20,10 @@ import asyncpg
 import pytest
 from pubtools import Publisher, forget_session, telemetry
 
-import ingest.service
+import ingest._service
 from ingest import Ingester, TokenBuckets
 from ingest.alerts import Alerting, Book, acknowledge, build_engine
-from ingest.alerts import service as alerts_service
+from ingest.alerts import _service as alerts_service
 from pumpfleet import contract, schema
 from pumpfleet import stack as stack_mod
 from pumpfleet.findings import RULES, SERVICE_RULE_PRIORITY, SERVICE_RULES, Finding
@@ -218,7 +218,7 @@ async def test_unprovisioned_and_revoked_pumps_are_quarantined_with_one_alert_pe
     unprovisioned_device alert per pump, keeps it while they publish, ends it once the pump is
     provisioned; a pump provisioned meanwhile is stored from then on, one revoked meanwhile is
     quarantined within the refresh time."""
-    monkeypatch.setattr(ingest.service, "REVOKED_REFRESH_S", 0.2)
+    monkeypatch.setattr(ingest._service, "REVOKED_REFRESH_S", 0.2)
     monkeypatch.setattr(alerts_service, "QUARANTINE_EVERY_S", 0.0)  # every tick reads it
     tag = uuid.uuid4().hex[:6].upper()
     good, stranger, revoked = f"G-{tag}", f"U-{tag}", f"R-{tag}"

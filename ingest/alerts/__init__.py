@@ -6,7 +6,7 @@ outbox in the same transaction, and `Notifier` delivers them to Alertmanager and
 `Alerting` wires rules, book and notifier into the ingester. See README.md in this folder.
 """
 
-from ingest.alerts.book import (
+from ingest.alerts._book import (
     Alert,
     AlertError,
     Book,
@@ -16,13 +16,14 @@ from ingest.alerts.book import (
     load_open,
     resolve,
 )
-from ingest.alerts.notify import Notifier, render_alertmanager, render_webhook
-from ingest.alerts.service import Alerting, RuleEngine, build_engine
+from ingest.alerts._notify import Notifier, render_alertmanager, render_webhook
+from ingest.alerts._service import Alerting, AlertingService, RuleEngine, build_engine
 
 __all__ = [
     "Alert",
     "AlertError",
     "Alerting",
+    "AlertingService",
     "Book",
     "BookPolicy",
     "Notifier",

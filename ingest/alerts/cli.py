@@ -13,9 +13,9 @@ import typer
 from rich.padding import Padding
 from rich.table import Table
 
-from ingest.alerts import book
-from ingest.alerts.notify import receivers
-from ingest.findings import Priority
+from ingest._findings import Priority
+from ingest.alerts import _book as book
+from ingest.alerts._notify import receivers
 from pumpfleet import cli
 from pumpfleet.settings import Settings
 

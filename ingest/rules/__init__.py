@@ -6,8 +6,9 @@ alert lifecycle (ingest/alerts/) turns the Findings into alerts. One module per 
 `_notices`); see README.md for each rule, the data it needs and its blind spots.
 """
 
-from ingest.rules.engine import RuleEngine
-from ingest.rules.latch import Latch
-from ingest.rules.thresholds import PumpProfile, Thresholds
+from ingest.rules._alarms import CRITICAL
+from ingest.rules._engine import RuleEngine
+from ingest.rules._latch import Latch
+from ingest.rules._thresholds import PumpProfile, Thresholds
 
-__all__ = ["Latch", "PumpProfile", "RuleEngine", "Thresholds"]
+__all__ = ["CRITICAL", "Latch", "PumpProfile", "RuleEngine", "Thresholds"]

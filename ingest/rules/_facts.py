@@ -12,12 +12,12 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from ingest.findings import Priority
-from ingest.rules.thresholds import PumpProfile, Thresholds
+from ingest._findings import Priority
+from ingest.rules._thresholds import PumpProfile, Thresholds
 from pumpfleet.contract import Message, PumpAlarm, PumpState, ReservoirSource, Telemetry
 
 if TYPE_CHECKING:
-    from ingest.rules.latch import Latch
+    from ingest.rules._latch import Latch
 
 INF = math.inf
 DAY_S = 86_400.0

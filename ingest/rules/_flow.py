@@ -34,7 +34,7 @@ from array import array
 from collections import deque
 from typing import Any, Literal
 
-from ingest.findings import Priority
+from ingest._findings import Priority
 from ingest.rules._facts import ABSENT, INF, Pump, Rule, Verdict
 from pumpfleet.contract import (
     Bolus,

@@ -14,7 +14,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from ingest.findings import Priority
+from ingest._findings import Priority
 from ingest.rules._facts import ABSENT, INF, Pump, Rule, Verdict
 from pumpfleet.contract import Message, MotorStallRecovery, MriEnd, MriStart, Telemetry
 

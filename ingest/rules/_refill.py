@@ -29,7 +29,7 @@ import itertools
 import math
 from typing import Any
 
-from ingest.findings import Priority
+from ingest._findings import Priority
 from ingest.rules._facts import ABSENT, Pump, Rule, Verdict
 from pumpfleet.contract import Message, Refill
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from ingest.findings import Priority
+from ingest._findings import Priority
 from ingest.rules._facts import ABSENT, DAY_S, Pump, Rule, Verdict
 from pumpfleet.contract import Bolus, Message, PumpAlarm, ReservoirSource
 

@@ -30,8 +30,8 @@ from ingest._batching import (
     split,
     wake_writer,
 )
-from ingest.metrics import Stats
-from ingest.store import DeadLetter, WriteResult
+from ingest._metrics import Stats
+from ingest._store import DeadLetter, WriteResult
 from pumpfleet import contract
 from pumpfleet.contract import Message
 from pumpfleet.testing import telemetry_fields

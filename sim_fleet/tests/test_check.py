@@ -11,8 +11,8 @@ import pytest
 
 from pumpfleet import schema
 from sim_fleet import build_run, parse_scenario
-from sim_fleet.check import CheckError, alert_baseline, evaluate, fetch_raised, wait_for_alerts
-from sim_fleet.scenario import RaisedAlert, SimRun
+from sim_fleet._check import CheckError, alert_baseline, evaluate, fetch_raised, wait_for_alerts
+from sim_fleet._scenario import RaisedAlert, SimRun
 
 pytestmark = pytest.mark.integration
 

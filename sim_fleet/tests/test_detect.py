@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from sim_fleet import FleetMix
-from sim_fleet.detect import Outcome, detection_table, format_table, healthy_year_parallel
+from sim_fleet._detect import Outcome, detection_table, format_table, healthy_year_parallel
 
 README = Path(__file__).resolve().parents[2] / "ingest" / "rules" / "README.md"
 

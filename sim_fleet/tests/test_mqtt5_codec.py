@@ -16,7 +16,7 @@ import pytest
 
 from device_agent import BrokerOptions
 from pumpfleet.testing import wait_until
-from sim_fleet.mqtt import ConnectError, Connection, ConnectionLost
+from sim_fleet._mqtt import ConnectError, Connection, ConnectionLost
 
 CONNACK_OK = b"\x20\x03\x00\x00\x00"
 

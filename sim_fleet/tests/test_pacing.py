@@ -9,6 +9,7 @@ from datetime import UTC, datetime
 
 import pytest
 
+from sim_fleet._load import LoadConfig, render, templates
 from sim_fleet._pacing import (
     MAX_BATCH,
     Row,
@@ -18,7 +19,6 @@ from sim_fleet._pacing import (
     select_timeout,
     share,
 )
-from sim_fleet.load import LoadConfig, render, templates
 
 
 def test_share_splits_the_rate_and_total_evenly_and_batches_about_2_ms() -> None:

@@ -21,7 +21,7 @@ from sim_fleet import (
     parse_duration,
     parse_scenario,
 )
-from sim_fleet.scenario import NOTICE_WITHIN, TIMELINE_TYPES, TimelineType, pump_index
+from sim_fleet._scenario import NOTICE_WITHIN, TIMELINE_TYPES, TimelineType, pump_index
 
 NOW = datetime(2026, 6, 1, 12, 0, tzinfo=UTC)
 

@@ -17,9 +17,9 @@ from pumpfleet import contract
 from pumpfleet.stack import StackInfo, start_broker, stop_broker
 from pumpfleet.testing import Received, wait_until
 from sim_fleet import advance_fleet, build_run, parse_scenario
-from sim_fleet.load import LoadConfig, Progress, run_load
-from sim_fleet.run import RunOptions, RunStats, run_scenario, seq_base
-from sim_fleet.scenario import Scenario, SimRun
+from sim_fleet._load import LoadConfig, Progress, run_load
+from sim_fleet._run import RunOptions, RunStats, run_scenario, seq_base
+from sim_fleet._scenario import Scenario, SimRun
 from sim_fleet.tests.mqtt_helpers import FleetSubscriber, fleet_subscriber
 
 pytestmark = pytest.mark.integration

@@ -19,8 +19,8 @@ from pumpfleet import contract
 from pumpfleet.stack import free_port
 from pumpfleet.testing import wait_until
 from sim_fleet import agent_driver
-from sim_fleet.load import LoadConfig, load_pump_id, render, templates
-from sim_fleet.mqtt import ConnectError, Connection, Histogram
+from sim_fleet._load import LoadConfig, load_pump_id, render, templates
+from sim_fleet._mqtt import ConnectError, Connection, Histogram
 
 
 class FakeBroker:

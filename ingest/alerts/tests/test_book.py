@@ -7,8 +7,8 @@ from datetime import timedelta
 import asyncpg
 import pytest
 
-from ingest.alerts import book as book_mod
-from ingest.alerts.book import AlertError, Book, BookPolicy, acknowledge, resolve
+from ingest.alerts import _book as book_mod
+from ingest.alerts._book import AlertError, Book, BookPolicy, acknowledge, resolve
 from ingest.alerts.tests.helpers import T0, finding
 
 pytestmark = pytest.mark.integration

@@ -9,7 +9,7 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from ingest.alerts.book import Book, BookPolicy
+from ingest.alerts._book import Book, BookPolicy
 from ingest.alerts.tests.helpers import finding
 from pumpfleet.cli import main
 

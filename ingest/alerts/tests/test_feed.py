@@ -10,10 +10,10 @@ from datetime import UTC, datetime, timedelta
 import asyncpg
 import pytest
 
-from ingest.alerts.lease import Lease, LeaseLost
-from ingest.alerts.service import Alerting
+from ingest._findings import Finding
+from ingest.alerts._lease import Lease, LeaseLost
+from ingest.alerts._service import Alerting
 from ingest.alerts.tests.test_service import FakeEngine, settings, store, telemetry
-from ingest.findings import Finding
 from pumpfleet import contract
 from pumpfleet.contract import Message
 

@@ -10,8 +10,8 @@ import asyncpg
 import httpx
 import pytest
 
-from ingest.alerts.book import Book, BookPolicy, acknowledge, resolve
-from ingest.alerts.notify import Notifier, render_alertmanager
+from ingest.alerts._book import Book, BookPolicy, acknowledge, resolve
+from ingest.alerts._notify import Notifier, render_alertmanager
 from ingest.alerts.tests.helpers import T0, finding
 from pumpfleet import alertmanager
 from pumpfleet.settings import AlertSettings

@@ -15,11 +15,11 @@ import pytest
 from pydantic import ValidationError
 
 from ingest import Ingester
-from ingest.alerts import service
-from ingest.alerts.book import Book, acknowledge
-from ingest.alerts.service import Alerting
+from ingest._store import prepare, write_batch
+from ingest.alerts import _service as service
+from ingest.alerts._book import Book, acknowledge
+from ingest.alerts._service import Alerting
 from ingest.alerts.tests.helpers import T0, finding
-from ingest.store import prepare, write_batch
 from pumpfleet import contract
 from pumpfleet import stack as stack_mod
 from pumpfleet.broker import BrokerOptions

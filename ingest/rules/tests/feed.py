@@ -14,7 +14,7 @@ from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel
 
-from ingest.findings import Finding
+from ingest._findings import Finding
 from ingest.rules import PumpProfile, RuleEngine
 from pumpfleet.contract import (
     AlarmCleared,

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Protocol
 
-from ingest.findings import Finding
+from ingest._findings import Finding
 from ingest.rules import PumpProfile, RuleEngine
 from pumpfleet.contract import Message
 from sim_fleet import Pump, RaisedAlert, SimRun, advance_fleet

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ingest.findings import Priority
+from ingest._findings import Priority
 from ingest.rules import Latch
 
 

@@ -12,7 +12,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from ingest.findings import NOTICES, RULES, Finding
+from ingest._findings import NOTICES, RULES, Finding
 from ingest.rules import PumpProfile, RuleEngine
 from ingest.rules.tests.simrun import Delivered, drive, profiles, run_engine
 from pumpfleet.contract import Message

@@ -25,7 +25,7 @@ import asyncpg
 
 from pumpfleet.findings import NOTICES
 from pumpfleet.schema import alerts, registry
-from sim_fleet.scenario import ExpectedAlert, RaisedAlert, SimRun
+from sim_fleet._scenario import ExpectedAlert, RaisedAlert, SimRun
 
 __all__ = [
     "CheckError",

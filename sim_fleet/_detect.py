@@ -23,8 +23,8 @@ from datetime import UTC, datetime, timedelta
 from ingest import PumpProfile, RuleEngine
 from pumpfleet.contract import Message
 from pumpfleet.findings import NOTICES, Finding
-from sim_fleet.fleet import FleetMix, advance_fleet, make_fleet
-from sim_fleet.model import (
+from sim_fleet._fleet import FleetMix, advance_fleet, make_fleet
+from sim_fleet._model import (
     BatteryEri,
     CatheterOcclusion,
     ClinicianSuspend,

@@ -36,13 +36,13 @@ from typing import NamedTuple
 from device_agent import Observation, build_entry
 from pumpfleet import contract
 from pumpfleet.broker import BrokerOptions
-from sim_fleet.fleet import advance_fleet
-from sim_fleet.mqtt import MAX_MESSAGE_IDS, ConnectError, Connection, ConnectionLost
-from sim_fleet.scenario import SimRun
+from sim_fleet._fleet import advance_fleet
+from sim_fleet._mqtt import MAX_MESSAGE_IDS, ConnectError, Connection, ConnectionLost
+from sim_fleet._scenario import SimRun
 
 __all__ = ["Published", "RunOptions", "RunProgress", "RunStats", "run_scenario", "seq_base"]
 
-log = logging.getLogger("sim_fleet.run")
+log = logging.getLogger("sim_fleet._run")
 
 
 def seq_base(now: float | None = None) -> int:

@@ -32,7 +32,7 @@ import asyncpg
 import httpx
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_exponential_jitter
 
-from ingest.alerts.book import RECEIVERS, Receiver, Transition, event, load_open
+from ingest.alerts._book import RECEIVERS, Receiver, Transition, event, load_open
 from pumpfleet.settings import AlertSettings
 
 log = logging.getLogger("pumpfleet.alerts.notify")

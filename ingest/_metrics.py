@@ -2,7 +2,7 @@
 when scraped, and a tiny HTTP endpoint for /metrics and /healthz.
 
 This module knows nothing of the ingester itself: it is handed the counters and two callables
-(what is pending, whether it is healthy), so `ingest.service` imports it and not the reverse."""
+(what is pending, whether it is healthy), so `ingest._service` imports it and not the reverse."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from prometheus_client.core import (
 )
 
 if TYPE_CHECKING:
-    from ingest.store import WriteResult
+    from ingest._store import WriteResult
     from pumpfleet.settings import IngestSettings
 
 Health = Callable[[], tuple[bool, dict[str, object]]]

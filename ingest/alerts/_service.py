@@ -7,7 +7,7 @@ the book and deletes the feed rows it handled in one transaction: every stored m
 the rules exactly once, whatever restarts. `run()` also drives what happens without a message:
 the rules' watchdog (telemetry silence), the escalation of unacknowledged high alerts, and the
 notifier. `AlertingService` runs one active instance per fleet and any number of standbys,
-chosen by a lease (ingest/alerts/lease.py).
+chosen by a lease (ingest/alerts/_lease.py).
 
 `on_commit` applies a batch in process (tests, or an Ingester hook for a single-process lab).
 
@@ -36,10 +36,10 @@ import asyncpg
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_exponential_jitter
 
 from ingest import rules
-from ingest.alerts.book import CHANNEL, Book, BookPolicy, Transition
-from ingest.alerts.lease import Lease, LeaseLost
-from ingest.alerts.notify import Notifier, receivers
-from ingest.findings import SERVICE_RULE_PRIORITY, SERVICE_RULES, Finding
+from ingest._findings import SERVICE_RULE_PRIORITY, SERVICE_RULES, Finding
+from ingest.alerts._book import CHANNEL, Book, BookPolicy, Transition
+from ingest.alerts._lease import Lease, LeaseLost
+from ingest.alerts._notify import Notifier, receivers
 from pumpfleet import contract
 from pumpfleet.contract import Message
 from pumpfleet.settings import Settings
@@ -866,7 +866,7 @@ class AlertingService:
         from prometheus_client import CollectorRegistry
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-        from ingest.metrics import http_endpoint
+        from ingest._metrics import http_endpoint
 
         cfg = self.settings.alerts
         if cfg.metrics_port is None:

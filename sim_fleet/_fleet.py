@@ -22,7 +22,7 @@ from datetime import datetime
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from pumpfleet.contract import Schedule
-from sim_fleet.model import (
+from sim_fleet._model import (
     CONCENTRATIONS_MCG_PER_ML,
     LABELLED_FLOW_ACCURACY,
     Observation,

@@ -1,6 +1,6 @@
 """Micro-benchmark: RuleEngine.observe() calls per second for telemetry from 10,000 pumps.
 
-    .venv/bin/python -m ingest.rules.bench [--pumps 10000] [--hours 12]
+    .venv/bin/python benchmarks/rules_bench.py [--pumps 10000] [--hours 12]
 
 Each pump reports every 10 minutes (the fleet in lockstep, one round at a time); messages are
 built before a round is timed, so the figure is the engine's alone. Pumps differ in rate and
@@ -13,6 +13,8 @@ from __future__ import annotations
 import argparse
 import time
 from datetime import UTC, datetime, timedelta
+
+from _figures import record
 
 from ingest.rules import RuleEngine
 from pumpfleet.contract import PumpAlarm, PumpState, Telemetry
@@ -104,6 +106,11 @@ def main() -> None:
         f"tick: {result['tick_ms']:.2f} ms per call; state {result['state_bytes_per_pump']:.0f} "
         f"bytes/pump; {result['findings']} findings"
     )
+    what = f"{result['pumps']:,} pumps"
+    record("rules.observe_per_s", result["steady_observe_per_s"], "calls/s", what="rule engine")
+    record("rules.tick_ms", result["tick_ms"], "ms", "lower", what=f"watchdog tick, {what}")
+    state = result["state_bytes_per_pump"]
+    record("rules.state_b_per_pump", state, "B/pump", "lower", what="rule engine state")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """`pumpfleet sim load`: the benchmark load generator.
 
 Contract-valid telemetry from many simulated pumps, rate-limited, from several processes, each
-driving a few lean MQTT connections (`sim_fleet.mqtt`). It must not be the bottleneck of what it
+driving a few lean MQTT connections (`sim_fleet._mqtt`). It must not be the bottleneck of what it
 measures, so per message it does only arithmetic and byte joins:
 
 - Each pump's telemetry comes from the fleet model's spec (`make_fleet`: size, drug, dose,
@@ -45,17 +45,17 @@ from device_agent import Observation, build_entry
 from pumpfleet import logs
 from pumpfleet.broker import BrokerOptions
 from pumpfleet.contract import PUMP_ID_PATTERN
-from sim_fleet._pacing import Row, payload, release, select_timeout, share
-from sim_fleet._pacing import iso as _iso
-from sim_fleet.fleet import make_fleet
-from sim_fleet.mqtt import (
+from sim_fleet._fleet import make_fleet
+from sim_fleet._mqtt import (
     MAX_MESSAGE_IDS,
     ConnectError,
     Connection,
     ConnectionLost,
     Histogram,
 )
-from sim_fleet.run import seq_base
+from sim_fleet._pacing import Row, payload, release, select_timeout, share
+from sim_fleet._pacing import iso as _iso
+from sim_fleet._run import seq_base
 
 __all__ = [
     "LoadConfig",
@@ -68,7 +68,7 @@ __all__ = [
     "worker_main",
 ]
 
-log = logging.getLogger("sim_fleet.load")
+log = logging.getLogger("sim_fleet._load")
 
 _SENTINEL_TIME = datetime(2001, 2, 3, 4, 5, 6, tzinfo=UTC)
 _SENTINEL_SEQ = 918_273_645_546_372_819

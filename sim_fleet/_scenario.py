@@ -28,8 +28,8 @@ from pydantic import (
 )
 
 from pumpfleet.findings import RULES, Rule
-from sim_fleet.fleet import FleetMix, make_fleet, pump_id
-from sim_fleet.model import (
+from sim_fleet._fleet import FleetMix, make_fleet, pump_id
+from sim_fleet._model import (
     BatteryEri,
     BatteryFault,
     CatheterOcclusion,

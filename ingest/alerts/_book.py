@@ -21,6 +21,7 @@ from typing import Any, Literal
 
 import asyncpg
 
+from ingest._findings import PRIORITY_RANK, Finding
 from ingest.alerts._plan import (
     Alert,
     Command,
@@ -32,7 +33,6 @@ from ingest.alerts._plan import (
     plan,
     settle,
 )
-from ingest.findings import PRIORITY_RANK, Finding
 
 log = logging.getLogger("pumpfleet.alerts")
 
@@ -77,7 +77,7 @@ class _Conflict(Exception):
 
 
 def event(t: Transition) -> dict[str, Any]:
-    """The outbox snapshot of a transition; receivers render it (ingest/alerts/notify.py)."""
+    """The outbox snapshot of a transition; receivers render it (ingest/alerts/_notify.py)."""
     a = t.alert
     return {
         "alert_id": a.alert_id,

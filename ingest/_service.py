@@ -33,11 +33,11 @@ from paho.mqtt.properties import Properties
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_exponential_jitter
 
 from ingest import _batching as batching
-from ingest import metrics
+from ingest import _metrics as metrics
 from ingest._batching import Item as _Item
 from ingest._batching import TokenBuckets
-from ingest.mqtt import Client as BufferedClient
-from ingest.store import DeadLetter, WriteResult, prepare, write_batch
+from ingest._mqtt import Client as BufferedClient
+from ingest._store import DeadLetter, WriteResult, prepare, write_batch
 from pumpfleet import contract
 from pumpfleet.broker import BrokerOptions
 from pumpfleet.contract import Message

@@ -69,11 +69,11 @@ def _puback_layout() -> tuple[int, int, int, frozenset[int]]:
     why = mqtt5.PubAckPacket(0x1234, reason_code=codes.NO_MATCHING_SUBSCRIBERS).write()
     reasons = frozenset(getattr(codes, n).value for n in dir(codes) if n.isupper()) - {0}
     if ok[2:] != b"\x12\x34" or len(ok) != 4 or why[0] != ok[0] or why[2:4] != b"\x12\x34":
-        raise ImportError(f"mqtt5 writes a PUBACK unexpectedly ({ok!r}): update sim_fleet.mqtt")
+        raise ImportError(f"mqtt5 writes a PUBACK unexpectedly ({ok!r}): update sim_fleet._mqtt")
     for code in reasons:
         written = mqtt5.PubAckPacket(0x1234, reason_code=codes(code)).write()
         if written != why[:4] + bytes([code]):
-            raise ImportError(f"mqtt5 writes PUBACK {code:#x} unexpectedly: update sim_fleet.mqtt")
+            raise ImportError(f"mqtt5 writes PUBACK {code:#x} unexpectedly: update sim_fleet._mqtt")
     return ok[0], ok[1], why[1], reasons
 
 

@@ -19,7 +19,7 @@ from collections.abc import Iterable, Mapping
 from datetime import datetime
 from typing import Any
 
-from ingest.findings import RULES, Finding, Priority
+from ingest._findings import RULES, Finding, Priority
 from ingest.rules import _gap
 from ingest.rules._alarms import CriticalPumpAlarm, NoncriticalPumpAlarm
 from ingest.rules._battery import Battery
@@ -27,13 +27,13 @@ from ingest.rules._dose import LargeDoseChange
 from ingest.rules._facts import INF, Pump, Rule
 from ingest.rules._flow import OverInfusion, UnderInfusion
 from ingest.rules._gap import SequenceGap
+from ingest.rules._latch import Latch
 from ingest.rules._mri import PostMri
 from ingest.rules._notices import ClinicDataMissing, FlowNotObservable
 from ingest.rules._refill import PocketFill, RefillDiscrepancy, history
 from ingest.rules._reservoir import LowReservoir, RefillDue
 from ingest.rules._silence import TelemetrySilence
-from ingest.rules.latch import Latch
-from ingest.rules.thresholds import PumpProfile, Thresholds
+from ingest.rules._thresholds import PumpProfile, Thresholds
 from pumpfleet.contract import (
     AlarmCleared,
     AlarmRaised,

@@ -25,7 +25,7 @@ from datetime import datetime
 
 import asyncpg
 
-from ingest.rules._alarms import CRITICAL
+from ingest.rules import CRITICAL
 from pumpfleet import contract
 from pumpfleet.contract import Message, Status, Telemetry
 

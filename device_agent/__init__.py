@@ -2,11 +2,12 @@
 nothing while offline. See README.md in this folder."""
 
 from pumpfleet.broker import BrokerOptions
+from pumpfleet.envelope import Entry, Observation, ObservationKind, build_entry
 
-from ._agent import Agent, AgentStats, build_entry, client_id
+from ._agent import Agent, AgentStats, client_id
 from ._clock import SimClock
-from ._driver import ConstantPump, Observation, ObservationKind, PumpDriver
-from ._store import AppendResult, Entry, Queued, QueueLimits, Store, StoreError, StoreLocked, Will
+from ._driver import ConstantPump, PumpDriver
+from ._store import AppendResult, Queued, QueueLimits, Store, StoreError, StoreLocked, Will
 
 __all__ = [
     "Agent",

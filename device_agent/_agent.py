@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import math
 import random
@@ -22,7 +21,6 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from enum import Enum
 from typing import Any
 
 import aiomqtt
@@ -32,16 +30,16 @@ from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wai
 
 from pumpfleet import contract
 from pumpfleet.broker import BrokerOptions
+from pumpfleet.envelope import Observation, build_entry
 
-from ._driver import Observation, PumpDriver
+from ._driver import PumpDriver
 from ._mqtt import Link
-from ._store import Entry, Queued, Store, Will
+from ._store import Queued, Store, Will
 
 __all__ = ["Agent", "AgentStats", "BrokerOptions", "build_entry", "client_id"]
 
 log = logging.getLogger("device_agent")
 
-_ENVELOPE = frozenset({"v", "pump_id", "seq", "kind", "time"})
 WILL_REASON = "connection lost"
 STOP_REASON = "agent stopped"
 
@@ -77,62 +75,6 @@ class AgentStats:
 
 
 # building messages ------------------------------------------------------------------------------
-
-
-def build_entry(pump_id: str, obs: Observation, speed: float = 1.0) -> Entry:
-    """Wrap an observation in the envelope and validate it exactly as the ingester will decode it.
-
-    Raises `contract.ContractError` for anything the ingester would reject, so a driver bug never
-    puts invalid bytes on the wire. The seq is filled in when the store assigns it. `speed` is
-    how many simulated seconds the device clock runs per wall second: `obs.delay_s` is simulated,
-    the entry's `delay_s` is wall-clock.
-    """
-    if speed <= 0:
-        raise ValueError("speed must be > 0")
-    clash = _ENVELOPE & obs.fields.keys()
-    if clash:
-        raise contract.ContractError(f"fields carry envelope keys {sorted(clash)}")
-    try:
-        kind = contract.Kind(obs.kind)
-    except ValueError:
-        raise contract.ContractError(f"kind: unknown {obs.kind!r}") from None
-    body = {
-        "v": contract.CONTRACT_VERSION,
-        "pump_id": pump_id,
-        "time": obs.time,
-        "seq": 0,
-        "kind": kind.value,
-        **obs.fields,
-    }
-    try:
-        raw = json.dumps(body, default=_json_default, allow_nan=False).encode()
-    except (TypeError, ValueError) as exc:
-        raise contract.ContractError(f"fields: not JSON-serialisable: {exc}") from None
-    topic = contract.topic(pump_id, kind)
-    msg = contract.decode(topic, raw)
-
-    def payload(seq: int) -> bytes:
-        return contract.encode(msg.model_copy(update={"seq": seq}))
-
-    return Entry(
-        kind=kind.value,
-        topic=topic,
-        payload=payload,
-        retain=kind is contract.Kind.STATUS,
-        duplicate=obs.duplicate,
-        delay_s=max(0.0, obs.delay_s) / speed,
-        lost=obs.lost,
-    )
-
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, datetime):
-        return value.isoformat()
-    if isinstance(value, Enum):
-        return value.value
-    if isinstance(value, tuple | set | frozenset):
-        return list(value)
-    raise TypeError(f"{type(value).__name__} is not JSON-serialisable")
 
 
 # the agent --------------------------------------------------------------------------------------

@@ -8,84 +8,11 @@ for the CLI and tests.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any, Literal, Protocol, runtime_checkable
+from typing import Protocol, runtime_checkable
 
-from pydantic import TypeAdapter
-
-from pumpfleet import contract
 from pumpfleet.contract import PumpAlarm, PumpState, ReservoirSource
-
-ObservationKind = Literal["telemetry", "event", "status"]
-
-_ADAPTERS: dict[str, TypeAdapter[Any]] = {
-    "telemetry": TypeAdapter(contract.Telemetry),
-    "event": TypeAdapter(contract.Event),
-    "status": TypeAdapter(contract.Status),
-}
-
-
-@dataclass(frozen=True, slots=True, init=False)
-class Observation:
-    """One message's worth of pump output, before the agent wraps it in the envelope.
-
-    The one type every pump model hands to a transport (the agent, `pumpfleet sim run`).
-
-    - `kind`: telemetry, event or status; `time`: the device clock (UTC), which goes into the
-      message.
-    - `fields`: the contract fields except `v`, `pump_id`, `seq`, `kind` and `time`, as plain
-      values (numbers, bools, contract enums, tuples, datetimes, schedules as dicts).
-    - `sim_time`: the true (simulated) time the pump sent it, which a transport paces a run by;
-      it differs from `time` when the device clock is skewed. Defaults to `time`.
-    - Transport faults a simulator injects: `duplicate` (send it twice, same seq and bytes),
-      `delay_s` (hold it back this many SIMULATED seconds so later messages overtake it; a
-      transport running the clock N times faster than real time waits `delay_s / N` wall
-      seconds), `lost` (give it a seq, then drop it: the receiver sees a sequence gap).
-    """
-
-    kind: ObservationKind
-    time: datetime
-    fields: Mapping[str, Any]
-    duplicate: bool
-    delay_s: float
-    sim_time: datetime
-    lost: bool
-
-    def __init__(
-        self,
-        kind: ObservationKind,
-        time: datetime,
-        fields: Mapping[str, Any] | None = None,
-        duplicate: bool = False,
-        delay_s: float = 0.0,
-        sim_time: datetime | None = None,
-        lost: bool = False,
-    ) -> None:
-        # Frozen: assign through object.__setattr__ (what dataclass's own __init__ does).
-        set_ = object.__setattr__
-        set_(self, "kind", kind)
-        set_(self, "time", time)
-        set_(self, "fields", {} if fields is None else fields)
-        set_(self, "duplicate", duplicate)
-        set_(self, "delay_s", delay_s)
-        set_(self, "sim_time", time if sim_time is None else sim_time)
-        set_(self, "lost", lost)
-
-    def to_message(self, pump_id: str, seq: int) -> contract.Message:
-        """The contract message with its envelope; raises pydantic's ValidationError if bad.
-
-        Validates in Python (no JSON round trip); `device_agent.build_entry` is the strict
-        wire-level check the agent and the simulator's transport use.
-        """
-        body = {"v": contract.CONTRACT_VERSION, "pump_id": pump_id, "seq": seq, "time": self.time}
-        body.update(self.fields)
-        adapter = _ADAPTERS.get(self.kind)
-        if adapter is None:
-            raise ValueError(f"kind: unknown {self.kind!r}")
-        message: contract.Message = adapter.validate_python(body)
-        return message
+from pumpfleet.envelope import Observation
 
 
 @runtime_checkable

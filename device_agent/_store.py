@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Literal
 
+from pumpfleet.envelope import Entry
+
 __all__ = [
     "AppendResult",
     "Entry",
@@ -72,21 +74,6 @@ class QueueLimits:
     def __post_init__(self) -> None:
         if self.max_messages < 1 or self.max_bytes < 1:
             raise ValueError("queue limits must be positive")
-
-
-@dataclass(frozen=True)
-class Entry:
-    """A message to queue. `payload` renders the bytes once the store has chosen the seq."""
-
-    kind: Literal["telemetry", "event", "status"]
-    topic: str
-    payload: Callable[[int], bytes]
-    retain: bool = False
-    duplicate: bool = False
-    delay_s: float = 0.0
-    """Wall-clock seconds to hold it back (later messages overtake it)."""
-    lost: bool = False
-    """A simulated loss: `append` spends a seq on it and stores nothing (a sequence gap)."""
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ load generator; `register_pumps`, `alert_baseline` and `wait_for_alerts` (`pumpf
 --check`) judge the alerts the pipeline raised against the scenario's.
 """
 
-from device_agent import Observation, ObservationKind
+from pumpfleet.envelope import Observation, ObservationKind
 from sim_fleet._check import (
     CheckError,
     CheckResult,

@@ -41,10 +41,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from device_agent import Observation, build_entry
 from pumpfleet import logs
 from pumpfleet.broker import BrokerOptions
 from pumpfleet.contract import PUMP_ID_PATTERN
+from pumpfleet.envelope import Observation, build_entry
 from sim_fleet._fleet import make_fleet
 from sim_fleet._mqtt import (
     MAX_MESSAGE_IDS,

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Literal
 
-from device_agent import Observation, ObservationKind, PumpDriver
+from device_agent import PumpDriver
 from pumpfleet.contract import (
     DosingMode,
     FlexStep,
@@ -42,6 +42,7 @@ from pumpfleet.contract import (
     ReservoirSource,
     Schedule,
 )
+from pumpfleet.envelope import Observation, ObservationKind
 
 RESERVOIR_SIZES_ML = (20.0, 40.0)
 CONCENTRATIONS_MCG_PER_ML = (500.0, 1000.0, 2000.0)

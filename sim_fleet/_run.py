@@ -33,9 +33,9 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import NamedTuple
 
-from device_agent import Observation, build_entry
 from pumpfleet import contract
 from pumpfleet.broker import BrokerOptions
+from pumpfleet.envelope import Observation, build_entry
 from sim_fleet._fleet import advance_fleet
 from sim_fleet._mqtt import MAX_MESSAGE_IDS, ConnectError, Connection, ConnectionLost
 from sim_fleet._scenario import SimRun

@@ -21,7 +21,6 @@ from typing import Any, Literal
 
 import asyncpg
 
-from ingest._findings import PRIORITY_RANK, Finding
 from ingest.alerts._plan import (
     Alert,
     Command,
@@ -33,6 +32,7 @@ from ingest.alerts._plan import (
     plan,
     settle,
 )
+from pumpfleet.findings import PRIORITY_RANK, Finding
 
 log = logging.getLogger("pumpfleet.alerts")
 

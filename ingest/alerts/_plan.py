@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from ingest._findings import PRIORITY_RANK, Finding
+from pumpfleet.findings import PRIORITY_RANK, Finding
 
 RULES_ACTOR = "rules"
 ESCALATION_ACTOR = "escalation"

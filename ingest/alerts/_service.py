@@ -36,12 +36,12 @@ import asyncpg
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_exponential_jitter
 
 from ingest import rules
-from ingest._findings import SERVICE_RULE_PRIORITY, SERVICE_RULES, Finding
 from ingest.alerts._book import CHANNEL, Book, BookPolicy, Transition
 from ingest.alerts._lease import Lease, LeaseLost
 from ingest.alerts._notify import Notifier, receivers
 from pumpfleet import contract
 from pumpfleet.contract import Message
+from pumpfleet.findings import SERVICE_RULE_PRIORITY, SERVICE_RULES, Finding
 from pumpfleet.settings import Settings
 
 log = logging.getLogger("pumpfleet.alerts")

@@ -13,10 +13,10 @@ import typer
 from rich.padding import Padding
 from rich.table import Table
 
-from ingest._findings import Priority
 from ingest.alerts import _book as book
 from ingest.alerts._notify import receivers
 from pumpfleet import cli
+from pumpfleet.findings import Priority
 from pumpfleet.settings import Settings
 
 app = typer.Typer(

@@ -11,9 +11,9 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from ingest._findings import Priority
 from ingest.rules._facts import ABSENT, INF, Pump, Rule, Verdict
 from pumpfleet.contract import Message, Reprogram, Telemetry
+from pumpfleet.findings import Priority
 
 
 def change_fraction(old_mcg_per_day: float, new_mcg_per_day: float) -> float:

@@ -19,7 +19,6 @@ from collections.abc import Iterable, Mapping
 from datetime import datetime
 from typing import Any
 
-from ingest._findings import RULES, Finding, Priority
 from ingest.rules import _gap
 from ingest.rules._alarms import CriticalPumpAlarm, NoncriticalPumpAlarm
 from ingest.rules._battery import Battery
@@ -46,6 +45,7 @@ from pumpfleet.contract import (
     Suspend,
     Telemetry,
 )
+from pumpfleet.findings import RULES, Finding, Priority
 
 
 class RuleEngine:

@@ -12,9 +12,9 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from ingest._findings import Priority
 from ingest.rules._thresholds import PumpProfile, Thresholds
 from pumpfleet.contract import Message, PumpAlarm, PumpState, ReservoirSource, Telemetry
+from pumpfleet.findings import Priority
 
 if TYPE_CHECKING:
     from ingest.rules._latch import Latch

@@ -34,7 +34,6 @@ from array import array
 from collections import deque
 from typing import Any, Literal
 
-from ingest._findings import Priority
 from ingest.rules._facts import ABSENT, INF, Pump, Rule, Verdict
 from pumpfleet.contract import (
     Bolus,
@@ -47,6 +46,7 @@ from pumpfleet.contract import (
     Suspend,
     Telemetry,
 )
+from pumpfleet.findings import Priority
 
 Call = Literal["over", "under", "clear", "hold"]
 """A window's call: outside the label, clearly inside it, or in between (keep what is open)."""

@@ -17,9 +17,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from ingest._findings import Priority
 from ingest.rules._facts import ABSENT, INF, Pump, Rule, Verdict
 from pumpfleet.contract import Message, Status
+from pumpfleet.findings import Priority
 
 NEW, LATE, SEEN = 0, 1, 2
 """What a seq means: newer than all before, a late arrival filling a gap, or already seen."""

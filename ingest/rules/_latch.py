@@ -3,7 +3,7 @@ ends it only after being gone for a while, and escalates at once, so noise canno
 
 from __future__ import annotations
 
-from ingest._findings import PRIORITY_RANK, Priority
+from pumpfleet.findings import PRIORITY_RANK, Priority
 
 
 class Latch:

@@ -14,9 +14,9 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from ingest._findings import Priority
 from ingest.rules._facts import ABSENT, INF, Pump, Rule, Verdict
 from pumpfleet.contract import Message, MotorStallRecovery, MriEnd, MriStart, Telemetry
+from pumpfleet.findings import Priority
 
 POST_MRI_ON_S = 900.0
 

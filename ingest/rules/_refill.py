@@ -29,9 +29,9 @@ import itertools
 import math
 from typing import Any
 
-from ingest._findings import Priority
 from ingest.rules._facts import ABSENT, Pump, Rule, Verdict
 from pumpfleet.contract import Message, Refill
+from pumpfleet.findings import Priority
 
 _HISTORY = 8
 _MIN_INFUSED_FOR_BIAS_ML = 5.0

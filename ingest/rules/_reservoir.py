@@ -17,9 +17,9 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from ingest._findings import Priority
 from ingest.rules._facts import ABSENT, DAY_S, Pump, Rule, Verdict
 from pumpfleet.contract import Bolus, Message, PumpAlarm, ReservoirSource
+from pumpfleet.findings import Priority
 
 LEARNED_BIAS_MARGIN = 0.05
 """Added to a learned bias before it replaces the labelled accuracy (design choice)."""

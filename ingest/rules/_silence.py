@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from ingest._findings import Priority
 from ingest.rules._facts import ABSENT, INF, Pump, Rule, Verdict
+from pumpfleet.findings import Priority
 
 
 class TelemetrySilence(Rule):

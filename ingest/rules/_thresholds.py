@@ -13,7 +13,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from ingest._findings import Priority
+from pumpfleet.findings import Priority
 
 _H = 3600.0
 _DAY = 86_400.0

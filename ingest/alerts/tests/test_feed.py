@@ -10,12 +10,12 @@ from datetime import UTC, datetime, timedelta
 import asyncpg
 import pytest
 
-from ingest._findings import Finding
 from ingest.alerts._lease import Lease, LeaseLost
 from ingest.alerts._service import Alerting
 from ingest.alerts.tests.test_service import FakeEngine, settings, store, telemetry
 from pumpfleet import contract
 from pumpfleet.contract import Message
+from pumpfleet.findings import Finding
 
 pytestmark = pytest.mark.integration
 

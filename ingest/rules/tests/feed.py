@@ -14,7 +14,6 @@ from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel
 
-from ingest._findings import Finding
 from ingest.rules import PumpProfile, RuleEngine
 from pumpfleet.contract import (
     AlarmCleared,
@@ -34,6 +33,7 @@ from pumpfleet.contract import (
     Status,
     Telemetry,
 )
+from pumpfleet.findings import Finding
 
 T0 = datetime(2025, 1, 1, tzinfo=UTC)
 EventT = TypeVar("EventT", bound=BaseModel)

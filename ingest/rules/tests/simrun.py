@@ -8,9 +8,9 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Protocol
 
-from ingest._findings import Finding
 from ingest.rules import PumpProfile, RuleEngine
 from pumpfleet.contract import Message
+from pumpfleet.findings import Finding
 from sim_fleet import Pump, RaisedAlert, SimRun, advance_fleet
 
 

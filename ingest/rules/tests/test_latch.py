@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from ingest._findings import Priority
 from ingest.rules import Latch
+from pumpfleet.findings import Priority
 
 
 def test_starts_only_after_holding_for_the_on_duration() -> None:

@@ -12,10 +12,10 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from ingest._findings import NOTICES, RULES, Finding
 from ingest.rules import PumpProfile, RuleEngine
 from ingest.rules.tests.simrun import Delivered, drive, profiles, run_engine
 from pumpfleet.contract import Message
+from pumpfleet.findings import NOTICES, RULES, Finding
 from sim_fleet import FleetMix, Pump, build_run, builtin_scenarios, load_scenario, make_fleet
 
 NOW = datetime(2026, 6, 1, 12, 0, tzinfo=UTC)

@@ -308,20 +308,25 @@ def bare_mqtt_drain(info: stack_mod.StackInfo, n: int, workers: int, buffered: b
 
 
 OLD_MQTT_REV = "56bed13"
-"""The last commit whose ingest/_mqtt.py framed packets through paho's internals (before mqtt5)."""
+"""The last commit whose ingest/mqtt.py framed packets through paho's internals (before mqtt5)."""
 
 
 def mqtt_client_at(rev: str) -> type[mqtt.Client]:
-    """`ingest/_mqtt.py`'s Client as it was at `rev`, loaded from git beside today's."""
-    source = subprocess.run(
-        ["git", "show", f"{rev}:ingest/_mqtt.py"],
-        cwd=Path(__file__).resolve().parents[1],
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout
+    """The ingester's MQTT Client as it was at `rev`, loaded from git beside today's (the module
+    is ingest/_mqtt.py since the parts' modules went private, ingest/mqtt.py before)."""
+    for path in ("ingest/_mqtt.py", "ingest/mqtt.py"):
+        shown = subprocess.run(
+            ["git", "show", f"{rev}:{path}"],
+            cwd=Path(__file__).resolve().parents[1],
+            capture_output=True,
+            text=True,
+        )
+        if shown.returncode == 0:
+            break
+    else:
+        raise SystemExit(f"no ingest/_mqtt.py or ingest/mqtt.py at {rev}: {shown.stderr.strip()}")
     module = types.ModuleType(f"ingest_mqtt_at_{rev[:8]}")
-    exec(compile(source, f"{rev[:8]}:ingest/_mqtt.py", "exec"), module.__dict__)
+    exec(compile(shown.stdout, f"{rev[:8]}:{path}", "exec"), module.__dict__)
     client: type[mqtt.Client] = module.Client
     return client
 
@@ -657,7 +662,7 @@ async def main() -> None:
     ap.add_argument("--quick", action="store_true", help="backlog 20,000; 10 s sustained")
     ap.add_argument("--skip", default="", help="comma list: raw,drain,naive,sustained")
     ap.add_argument(
-        "--old-mqtt-rev", default=OLD_MQTT_REV, help="git revision of the old ingest/_mqtt.py"
+        "--old-mqtt-rev", default=OLD_MQTT_REV, help="git revision of the old MQTT path"
     )
     ap.add_argument("--repeats", type=int, default=3, help="runs of each side-by-side stage")
     args = ap.parse_args()

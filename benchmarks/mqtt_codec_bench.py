@@ -15,8 +15,8 @@ encoder it replaced, side by side in one run.
 Each figure is the best of `--rounds`: on a machine shared with other work, the fastest round is
 the one least disturbed, and the ratio of the bests is the steadiest new / old figure.
 
-The old code is `sim_fleet/_mqtt.py` at `--old-rev` (default: the last commit with the
-hand-written encoder), loaded from `git show` into a temporary module.
+The old code is `sim_fleet/mqtt.py` (today `_mqtt.py`) at `--old-rev` (default: the last commit
+with the hand-written encoder), loaded from `git show` into a temporary module.
 
     .venv/bin/python benchmarks/mqtt_codec_bench.py [--rounds 15] [--old-rev REV]
 """
@@ -48,9 +48,9 @@ _CONNACK = mqtt5.ConnAckPacket().write()
 
 
 def old_module(rev: str) -> ModuleType:
-    """`sim_fleet/_mqtt.py` as it was at `rev`, imported under another name."""
+    """`sim_fleet/mqtt.py` as it was at `rev` (today `_mqtt.py`), imported under another name."""
     source = subprocess.run(
-        ["git", "show", f"{rev}:sim_fleet/_mqtt.py"],
+        ["git", "show", f"{rev}:sim_fleet/mqtt.py"],
         cwd=_ROOT,
         check=True,
         capture_output=True,
@@ -275,7 +275,7 @@ def main() -> None:
     parser.add_argument(
         "--old-rev",
         default="98aa747",
-        help="git revision whose sim_fleet/_mqtt.py is the old code (98aa747)",
+        help="git revision whose sim_fleet/mqtt.py is the old code (98aa747)",
     )
     args = parser.parse_args()
     old = old_module(args.old_rev)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import re
 import shutil
 import statistics
 import subprocess
@@ -43,6 +44,7 @@ from sim_fleet._load import LoadConfig, LoadReport, render, run_load, templates
 _TICK = os.sysconf("SC_CLK_TCK")
 _ROOT = Path(__file__).resolve().parent.parent
 _OLD_FILES = ("mqtt.py", "load.py")
+_PRIVATE = "check|detect|fleet|load|model|mqtt|run|scenario"
 
 
 def cpu_seconds(pid: int | None) -> float:
@@ -101,15 +103,24 @@ def old_code(rev: str) -> Iterator[dict[str, str]]:
             package,
             ignore=shutil.ignore_patterns("tests", "__pycache__"),
         )
-        for name in _OLD_FILES:
-            source = subprocess.run(
-                ["git", "show", f"{rev}:sim_fleet/{name}"],
-                cwd=_ROOT,
-                check=True,
-                capture_output=True,
-                text=True,
-            ).stdout
-            (package / name).write_text(source)
+        for name in _OLD_FILES:  # private since 172c9b5: an older rev has them public
+            for path in (f"sim_fleet/_{name}", f"sim_fleet/{name}"):
+                shown = subprocess.run(
+                    ["git", "show", f"{rev}:{path}"], cwd=_ROOT, capture_output=True, text=True
+                )
+                if shown.returncode == 0:
+                    break
+            else:
+                raise SystemExit(f"no sim_fleet/_{name} or {name} at {rev}")
+            # An old module imports its siblings by their old, public names.
+            source = re.sub(rf"\bsim_fleet\.({_PRIVATE})\b", r"sim_fleet._\1", shown.stdout)
+            source = re.sub(
+                rf"^from sim_fleet import ({_PRIVATE})\b",
+                r"from sim_fleet import _\1 as \1",
+                source,
+                flags=re.M,
+            )
+            (package / f"_{name}").write_text(source)
         env = {"PYTHONPATH": tmp, "PYTHONSAFEPATH": "1"}
         with environment(env):
             where = subprocess.run(

@@ -34,6 +34,7 @@ import signal
 import stat
 import subprocess
 import tempfile
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -406,12 +407,36 @@ def load(run_dir: Path = DEFAULT_RUN_DIR) -> StackInfo | None:
 
 @contextlib.contextmanager
 def running_stack(run_dir: Path, *, purge: bool = False) -> Iterator[StackInfo]:
-    """A stack for the duration of a block, stopped however the block ends."""
-    info = up(run_dir)
+    """A stack for the duration of a block, stopped however the block ends: a SIGTERM to a
+    process that left SIGTERM at its default (a benchmark script, `timeout`, a CI runner) ends
+    the block like Ctrl-C does, so the stack goes down with it instead of staying behind."""
+    restore = _sigterm_as_exit()
     try:
-        yield info
+        info = up(run_dir)
+        try:
+            yield info
+        finally:
+            down(run_dir, purge=purge)
     finally:
-        down(run_dir, purge=purge)
+        restore()
+
+
+def _sigterm_as_exit() -> Callable[[], None]:
+    """SIGTERM raises SystemExit(143) (cleanup runs) while the returned callable is not called;
+    a no-op off the main thread or where the process handles SIGTERM itself."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        return lambda: None
+
+    def _exit(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    def _restore() -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+    signal.signal(signal.SIGTERM, _exit)
+    return _restore
 
 
 def stop_broker(info: StackInfo, *, timeout: float = STOP_TIMEOUT_S) -> None:

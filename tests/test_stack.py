@@ -319,3 +319,39 @@ def test_missing_postgres_says_how_to_install_it(
     with pytest.raises(StackError, match=r"install them with `apt-get install postgresql`$"):
         stack_mod.up(tmp_path / "run")
     assert not (tmp_path / "run").exists()
+
+
+def test_a_sigterm_ends_a_running_stack_block_and_takes_the_stack_down(tmp_path: Path) -> None:
+    """A benchmark script killed with SIGTERM leaves no mosquitto or PostgreSQL behind."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    run_dir = tmp_path / "stack"
+    script = (
+        "import sys, time\n"
+        "from pathlib import Path\n"
+        "from pumpfleet import stack\n"
+        "with stack.running_stack(Path(sys.argv[1]), purge=True) as info:\n"
+        "    print('up', flush=True)\n"
+        "    time.sleep(600)\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script, str(run_dir)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "up"
+        status = stack_mod.status(run_dir)
+        assert status.running, status
+        pids = [p for p in (status.mqtt.pid, status.postgres.pid) if p]
+        assert len(pids) == 2, status
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(DEADLINE_S) == 128 + signal.SIGTERM
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    deadline = time.monotonic() + DEADLINE_S  # the servers themselves are gone, not just the state
+    while left := [p for p in pids if Path(f"/proc/{p}").exists()]:
+        assert time.monotonic() < deadline, f"still running after SIGTERM: {left}"
+        time.sleep(0.1)

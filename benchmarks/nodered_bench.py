@@ -69,9 +69,12 @@ def ensure_installed() -> None:
     if shutil.which("npm") is None:
         raise SystemExit("nodered_bench: npm not found: install Node.js 20 and npm (apt-get)")
     print("installing Node-RED and pg (npm ci in benchmarks/nodered)...", file=sys.stderr)
-    subprocess.run(
-        ["npm", "ci", "--no-audit", "--no-fund", "--loglevel=error"], cwd=HERE, check=True
-    )
+    done = subprocess.run(["npm", "ci", "--no-audit", "--no-fund", "--loglevel=error"], cwd=HERE)
+    if done.returncode != 0:  # npm has said why above
+        raise SystemExit(
+            f"nodered_bench: `npm ci` in {HERE} failed (exit {done.returncode}): check the "
+            "network to the npm registry, then run it again"
+        )
 
 
 def node_red_version() -> str:

@@ -3,8 +3,9 @@
 Used by `pumpfleet stack up|down|status`, the test fixtures, benchmarks and the demo. Both servers
 run detached (their own session, started and stopped through `pumpfleet._process`) so the stack
 outlives the command that started it; `stack.json` in the run directory records where they are,
-and `pumpfleet.settings` reads it to find them. Mosquitto's configuration is deploy/mosquitto.conf,
-the file docker-compose mounts, with this stack's ports and paths put in.
+and `pumpfleet.settings` reads it to find them. Mosquitto's configuration is
+pumpfleet/deploy/mosquitto.conf, shipped in the package (deploy/mosquitto.conf links to it), the
+file docker-compose mounts, with this stack's ports and paths put in.
 
 Authentication is on, as everywhere: the broker runs mosquitto's dynamic-security plugin with
 the service accounts of `pumpfleet.brokerauth` (passwords made at the first `up`, kept 0600 in
@@ -110,8 +111,9 @@ _POSTGRES_HINT = (
 
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
 
-_MOSQUITTO_TEMPLATE = Path(__file__).resolve().parent.parent / "deploy" / "mosquitto.conf"
-"""The broker's one configuration: docker-compose mounts it, the local stack renders it."""
+_MOSQUITTO_TEMPLATE = Path(__file__).resolve().parent / "deploy" / "mosquitto.conf"
+"""The broker's one configuration, shipped in the package: docker-compose mounts it (through the
+link deploy/mosquitto.conf), the local stack renders it."""
 
 
 @dataclass(frozen=True)
@@ -740,7 +742,7 @@ def _mosquitto_conf(run_dir: Path, ports: tuple[int, int, int]) -> str:
         template = _MOSQUITTO_TEMPLATE.read_text()
     except OSError:
         raise StackError(
-            f"{_MOSQUITTO_TEMPLATE} not found: run the stack from a pumpfleet source checkout"
+            f"{_MOSQUITTO_TEMPLATE} not found: reinstall pumpfleet (the package ships it)"
         ) from None
     ca = devca.DevCA(run_dir / _TLS_DIR)
     local: dict[str, list[str]] = {

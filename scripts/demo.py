@@ -8,8 +8,9 @@ PostgreSQL.
 2. the ingester (its own database login and the ingest account) and the alerting service;
 3. by hand, on the fleet account: a malformed, a spoofed and an out-of-range message, and a
    valid reading from a pump nobody provisioned (quarantined: `unprovisioned_device`);
-4. the `faults` scenario (36 pumps, two simulated days in a minute, one fault or clinic action
-   per pump) on the fleet account, and beside it the three agents over TLS with their own
+4. the `faults` scenario's 36 pumps (one fault or clinic action each) among a fleet of
+   FLEET_PUMPS (the rest healthy pumps of mixed families), two simulated days in a minute, on
+   the fleet account, and beside it the three agents over TLS with their own
    credentials, their device clocks set to the fleet's (see `agent_start`); a live view;
 5. one pump revoked (`pumpfleet pumps revoke`): the broker cuts its agent off;
 6. a summary (alerts raised against the faults injected, anything missed or unexpected, the
@@ -42,8 +43,8 @@ from rich.console import Console
 from pumpfleet import alertmanager, contract, schema, stack
 from pumpfleet.broker import BrokerOptions
 from pumpfleet.schema import registry
+from sim_fleet import Scenario, build_run, load_scenario, with_fleet_size
 from sim_fleet import _check as checking
-from sim_fleet import build_run, load_scenario
 
 RUN_DIR = Path(os.environ.get("PUMPFLEET_RUN_DIR", ".pumpfleet"))
 CREDENTIALS = RUN_DIR / "credentials"
@@ -52,6 +53,14 @@ PUMPS = ["AG-000001", "AG-000002", "AG-000003"]
 REVOKED = "AG-000003"
 UNPROVISIONED = "AG-000099"
 SPEED = 2880.0  # the faults scenario's two simulated days in a minute
+FLEET_PUMPS = 300  # the faults scenario's 36, then healthy pumps of the default mix
+
+
+def demo_scenario() -> Scenario:
+    """The faults scenario in a fleet of FLEET_PUMPS (`pumpfleet sim run faults --pumps N`)."""
+    return with_fleet_size(load_scenario("faults"), FLEET_PUMPS)
+
+
 AGENT_INTERVAL_S = 7200
 """The agents report every 2 simulated hours (2.5 wall seconds). Their clocks start a process
 start-up behind the fleet's (at 2880x, a second is 48 simulated minutes), and silence is judged
@@ -291,7 +300,7 @@ async def summary(
     dsn: str, run_start: datetime, baseline: int, sim_log: Path
 ) -> tuple[datetime, datetime]:
     """What reached the database, the check against the injected faults, the agents' alerts."""
-    scenario = load_scenario("faults").model_copy(update={"speed": SPEED, "start": run_start})
+    scenario = demo_scenario().model_copy(update={"speed": SPEED, "start": run_start})
     run = build_run(scenario)
     raised = await checking.fetch_raised(dsn, baseline, [p.pump_id for p in run.pumps])
     result = checking.evaluate(run, raised)
@@ -382,7 +391,7 @@ def main() -> None:
     say(f"{len(applied)} applied now: {', '.join(m.name for m in applied) or 'up to date'}")
 
     step("registering the faults scenario's pumps as their clinic would (pumpfleet sim register)")
-    faults = build_run(load_scenario("faults"))
+    faults = build_run(demo_scenario())
     n = asyncio.run(checking.register_pumps(info.database_url, faults))
     # Every pump of the scenario has a profile (none is set up `profile: false`), so every one
     # is registered and the ingesters' default, quarantine for a pump with no registry row,
@@ -471,7 +480,8 @@ def main() -> None:
         sim_log = RUN_DIR / "sim.log"
         sim_log.unlink(missing_ok=True)
         step(
-            f"running the faults scenario ({len(faults.pumps)} pumps, two simulated days in about "
+            f"running the faults scenario in a fleet of {len(faults.pumps)} pumps (two simulated "
+            "days in about "
             f"a minute; log {sim_log}) and {len(PUMPS)} agents over TLS beside it"
         )
         sim_env = {
@@ -479,9 +489,10 @@ def main() -> None:
             **info.env_for("reader"),  # --check reads the alerts table
             "PUMPFLEET_MQTT__URL": info.mqtt_url_for("fleet"),
         }
+        sim_args = ["sim", "run", "faults", "--pumps", str(FLEET_PUMPS), "--speed", f"{SPEED:g}"]
         sim = children.start(
             "sim",
-            ["sim", "run", "faults", "--speed", f"{SPEED:g}", "--check", "--check-timeout", "60"],
+            [*sim_args, "--check", "--check-timeout", "60"],
             sim_env,
             sim_log,
         )

@@ -84,6 +84,7 @@ from sim_fleet._scenario import (
     load_scenario,
     parse_duration,
     parse_scenario,
+    with_fleet_size,
 )
 
 __all__ = [
@@ -160,5 +161,6 @@ __all__ = [
     "run_scenario",
     "scaled_schedule",
     "wait_for_alerts",
+    "with_fleet_size",
     "worst_case_flow_ml_per_day",
 ]

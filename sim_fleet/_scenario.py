@@ -431,6 +431,19 @@ def parse_scenario(text: str, source: str = "<scenario>") -> Scenario:
         raise ScenarioError(f"{source}: {_describe(exc)}") from None
 
 
+def with_fleet_size(scenario: Scenario, n: int) -> Scenario:
+    """The scenario with `n` pumps: its own first (every setup and timeline item keeps its pump),
+    then healthy pumps of its mix. Pump i's spec does not depend on n (`make_fleet`), so the
+    scenario's pumps and their expected alerts are unchanged; the extra ones must stay silent."""
+    own = scenario.fleet.n
+    if not own <= n <= 1_000_000:
+        raise ScenarioError(
+            f"--pumps {n}: the {scenario.name} scenario needs at least its own {own} pumps "
+            "(and at most 1,000,000)"
+        )
+    return scenario.model_copy(update={"fleet": scenario.fleet.model_copy(update={"n": n})})
+
+
 def load_scenario(name_or_path: str | Path) -> Scenario:
     """Read and validate a scenario file (a path or a shipped scenario's name)."""
     path = find_scenario(name_or_path)

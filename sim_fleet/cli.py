@@ -32,6 +32,7 @@ from sim_fleet._scenario import (
     build_run,
     builtin_scenarios,
     load_scenario,
+    with_fleet_size,
 )
 
 log = logging.getLogger("sim_fleet")
@@ -133,6 +134,14 @@ def sim_run(
             help="simulated seconds per wall second, or max (default: the scenario's)",
         ),
     ] = None,
+    pumps: Annotated[
+        int | None,
+        typer.Option(
+            metavar="N",
+            help="fleet size: the scenario's pumps, then healthy ones of its mix up to N "
+            "(default: the scenario's)",
+        ),
+    ] = None,
     pumps_per_connection: Annotated[
         int, typer.Option(metavar="N", help="pumps sharing one MQTT connection")
     ] = RunOptions.pumps_per_connection,
@@ -162,6 +171,8 @@ def sim_run(
         scenario = load_scenario(scenario_name)
         if speed is not None:
             scenario = scenario.model_copy(update={"speed": speed})
+        if pumps is not None:
+            scenario = with_fleet_size(scenario, pumps)
         run = build_run(scenario)
     except ScenarioError as exc:
         raise cli.UsageError(str(exc)) from None

@@ -16,7 +16,16 @@ from ingest.rules import PumpProfile, RuleEngine
 from ingest.rules.tests.simrun import Delivered, drive, profiles, run_engine
 from pumpfleet.contract import Message
 from pumpfleet.findings import NOTICES, RULES, Finding
-from sim_fleet import FleetMix, Pump, build_run, builtin_scenarios, load_scenario, make_fleet
+from sim_fleet import (
+    FleetMix,
+    Pump,
+    ScenarioError,
+    build_run,
+    builtin_scenarios,
+    load_scenario,
+    make_fleet,
+    with_fleet_size,
+)
 
 NOW = datetime(2026, 6, 1, 12, 0, tzinfo=UTC)
 """Fixed, so runs repeat; in the past, so device times pass the contract's future check."""
@@ -145,6 +154,20 @@ def test_shipped_scenario_passes_its_checks_against_the_engine(name: str) -> Non
     """Every shipped scenario file: each expected alert in time, and (strict) nothing else."""
     _, problems = run_scenario(name)
     assert problems == []
+
+
+def test_the_demos_fleet_the_faults_among_healthy_pumps_raises_only_the_faults() -> None:
+    """`make demo` runs the faults scenario in a fleet of 300 (`sim run faults --pumps 300`):
+    the 264 healthy pumps of the default mix must stay silent, the faults' alerts unchanged."""
+    run = build_run(with_fleet_size(load_scenario("faults"), 300), NOW)
+    assert len(run.pumps) == 300
+    _, problems = run_engine(run)
+    assert problems == []
+
+
+def test_a_fleet_smaller_than_the_scenarios_own_is_refused() -> None:
+    with pytest.raises(ScenarioError, match="at least its own 36 pumps"):
+        with_fleet_size(load_scenario("faults"), 35)
 
 
 def test_the_shipped_scenarios_cover_every_rule_and_notice() -> None:

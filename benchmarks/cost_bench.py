@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import re
 import sys
 import tempfile
 import time
@@ -32,7 +31,7 @@ import asyncpg
 from _figures import record
 
 sys.path.insert(0, str(Path(__file__).parent))
-from ingest_bench import Watched, fresh_db, ingester_env
+from ingest_bench import Watched, fresh_db, ingester_env, sim_load, wait_healthy
 
 from pumpfleet import stack as stack_mod
 
@@ -59,38 +58,19 @@ async def one_size(
 ) -> dict[str, float]:
     dsn = await fresh_db(info, f"cost_{pumps}_{uuid.uuid4().hex[:6]}")
     env = ingester_env(info, dsn, f"cost-{pumps}-{uuid.uuid4().hex[:6]}")
-    env["PUMPFLEET_ALERTS__METRICS_PORT"] = "0"
+    ports = stack_mod.free_port(), stack_mod.free_port()
+    env["PUMPFLEET_INGEST__METRICS_PORT"], env["PUMPFLEET_ALERTS__METRICS_PORT"] = map(str, ports)
     ingester = Watched([sys.executable, "-m", "pumpfleet.cli", "ingest"], env, work / "ingest.log")
     alerting = Watched(
         [sys.executable, "-m", "pumpfleet.cli", "alerting"], env, work / "alerting.log"
     )
     seconds = max(30.0, 2.5 * pumps / rate)  # every pump reports at least twice
     try:
-        await asyncio.sleep(3)  # both connected (their start-up is not what is measured)
+        for port in ports:  # both up (their start-up is not what is measured)
+            await wait_healthy(port)
         ing0, alert0 = ingester.cpu_s(), alerting.cpu_s()
-        load = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "pumpfleet.cli",
-            "sim",
-            "load",
-            "--pumps",
-            str(pumps),
-            "--rate",
-            str(rate),
-            "--duration",
-            str(seconds),
-            env={**env, "PUMPFLEET_MQTT__URL": info.mqtt_url_for("fleet")},
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.DEVNULL,
-        )
-        out, _ = await load.communicate()
-        report = out.decode()
-        (work / f"sim_load_{pumps}.txt").write_text(report)
-        found = re.search(r"^acknowledged\s+([\d,]+)", report, re.M)
-        if found is None:
-            raise SystemExit(f"sim load printed no acknowledged count: {work}/sim_load_{pumps}.txt")
-        acked = int(found[1].replace(",", ""))
+        report = work / f"sim_load_{pumps}.txt"
+        acked, _ = await sim_load(info, env, pumps, rate, seconds, report)
         conn = await asyncpg.connect(dsn)
         try:
             stored_all = f"SELECT count(*) >= {acked} FROM telemetry"

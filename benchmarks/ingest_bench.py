@@ -586,29 +586,9 @@ async def sustained(
         stop, probes = threading.Event(), []
         prober = threading.Thread(target=_probe, args=(info.mqtt_url_for("fleet"), stop, probes))
         prober.start()
-        load = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "pumpfleet.cli",
-            "sim",
-            "load",
-            "--pumps",
-            "10000",
-            "--rate",
-            str(rate),
-            "--duration",
-            str(seconds),
-            env={**env, "PUMPFLEET_MQTT__URL": info.mqtt_url_for("fleet")},  # a publisher
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.DEVNULL,
-        )
-        out, _ = await load.communicate()
+        acked, achieved = await sim_load(info, env, 10_000, rate, seconds, workdir / "sim_load.txt")
         stop.set()
         await asyncio.to_thread(prober.join)
-        report = out.decode()
-        (workdir / "sim_load.txt").write_text(report)
-        acked = int(re.search(r"^acknowledged\s+([\d,]+)", report, re.M)[1].replace(",", ""))
-        achieved = float(re.search(r"acknowledged .*?, ([\d,]+) msg/s", report)[1].replace(",", ""))
         total = acked + probes[0]
         await wait_count(dsn, total, timeout=120)
         elapsed = time.perf_counter() - t0
@@ -643,6 +623,33 @@ async def sustained(
     }
 
 
+async def sim_load(
+    info: stack_mod.StackInfo,
+    env: dict[str, str],
+    pumps: int,
+    rate: float,
+    seconds: float,
+    report_to: Path,
+) -> tuple[int, float]:
+    """`pumpfleet sim load` logged in as the fleet; its report goes to `report_to`. Returns
+    (messages the broker acknowledged, acknowledged msg/s)."""
+    load = await asyncio.create_subprocess_exec(
+        *(sys.executable, "-m", "pumpfleet.cli", "sim", "load", "--pumps", str(pumps)),
+        *("--rate", str(rate), "--duration", str(seconds)),
+        env={**env, "PUMPFLEET_MQTT__URL": info.mqtt_url_for("fleet")},  # a publisher
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    out, _ = await load.communicate()
+    report = out.decode()
+    report_to.write_text(report)
+    acked = re.search(r"^acknowledged\s+([\d,]+)", report, re.M)
+    achieved = re.search(r"acknowledged .*?, ([\d,]+) msg/s", report)
+    if acked is None or achieved is None:
+        raise SystemExit(f"sim load printed no acknowledged count: {report_to}")
+    return int(acked[1].replace(",", "")), float(achieved[1].replace(",", ""))
+
+
 async def wait_healthy(port: int, timeout: float = 30.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -654,7 +661,7 @@ async def wait_healthy(port: int, timeout: float = 30.0) -> None:
         except OSError:
             pass
         await asyncio.sleep(0.1)
-    raise SystemExit("the ingester did not become healthy")
+    raise SystemExit(f"the service on port {port} did not become healthy in {timeout:.0f} s")
 
 
 async def main() -> None:

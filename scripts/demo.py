@@ -481,8 +481,7 @@ def main() -> None:
         sim_log.unlink(missing_ok=True)
         step(
             f"running the faults scenario in a fleet of {len(faults.pumps)} pumps (two simulated "
-            "days in about "
-            f"a minute; log {sim_log}) and {len(PUMPS)} agents over TLS beside it"
+            f"days in about a minute; log {sim_log}) and {len(PUMPS)} agents over TLS beside it"
         )
         sim_env = {
             **base,

@@ -77,7 +77,7 @@ SUITES = (
     ),
     Suite(
         "recovery",
-        "scale_bench.py --skip drain --alarm-backlog 1440000 --pumps 10000",
+        "scale_bench.py --skip drain --alarm-backlog 1440000 --pumps 10000 --lanes on",
         "a 10,000-pump fleet's 24 h of store-and-forward backlog (144 readings each) replayed",
     ),
     Suite("cost", "cost_bench.py", "cost at 1,000 to 100,000 pumps"),

@@ -216,8 +216,13 @@ async def alarm(
 
 
 def _am_lists(url: str, pump: str) -> bool:
-    with urllib.request.urlopen(f"{url}/api/v2/alerts", timeout=2) as r:
-        return any(a["labels"].get("pump_id") == pump for a in json.loads(r.read()))
+    """Whether Alertmanager lists the pump's alert; a slow answer (a machine busy draining a
+    backlog) is a "not yet", asked again."""
+    try:
+        with urllib.request.urlopen(f"{url}/api/v2/alerts", timeout=5) as r:
+            return any(a["labels"].get("pump_id") == pump for a in json.loads(r.read()))
+    except (OSError, TimeoutError):
+        return False
 
 
 async def main() -> None:
@@ -228,6 +233,7 @@ async def main() -> None:
     ap.add_argument(
         "--pumps", type=int, default=1000, help="pumps the alarm's backlog comes from (1000)"
     )
+    ap.add_argument("--lanes", default="on,off", help="the alarm with the urgent lane on, off")
     args = ap.parse_args()
     skip = set(filter(None, args.skip.split(",")))
     with tempfile.TemporaryDirectory(prefix="scale-bench-") as tmp:
@@ -255,19 +261,23 @@ async def main() -> None:
                 )
             if "alarm" not in skip:
                 am = alertmanager.start(work / "am", "http://127.0.0.1:9/none")
+                lanes = [lane for lane in ("on", "off") if lane in args.lanes.split(",")]
+                results: dict[str, dict[str, float]] = {}
                 try:
-                    on = await alarm(info, am, args.alarm_backlog, True, work, args.pumps)
-                    off = await alarm(info, am, args.alarm_backlog, False, work, args.pumps)
+                    for lane in lanes:
+                        results[lane] = await alarm(
+                            info, am, args.alarm_backlog, lane == "on", work, args.pumps
+                        )
                 finally:
                     alertmanager.stop(am)
                 print(f"motor stall published behind {args.alarm_backlog:,} queued messages:")
-                for name, r in (("urgent lane on", on), ("urgent lane off", off)):
+                for name, r in ((f"urgent lane {k}", v) for k, v in results.items()):
                     print(
                         f"  {name:<16} to alert row {r['to_row_s']:7.2f} s, to Alertmanager "
                         f"{r['to_am_s']:7.2f} s  ({r['backlog_left']:,.0f} still queued; whole "
                         f"backlog stored {r['drain_s']:.1f} s after the ingester started)"
                     )
-                for lane, r in (("on", on), ("off", off)):
+                for lane, r in results.items():
                     what = f"urgent lane {lane}"
                     record(f"recovery.{lane}.row_s", r["to_row_s"], "s", "lower", what)
                     record(f"recovery.{lane}.am_s", r["to_am_s"], "s", "lower", what)

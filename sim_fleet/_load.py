@@ -54,7 +54,6 @@ from sim_fleet._mqtt import (
     Histogram,
 )
 from sim_fleet._pacing import Row, payload, release, select_timeout, share
-from sim_fleet._pacing import iso as _iso
 from sim_fleet._run import seq_base
 
 __all__ = [
@@ -295,14 +294,22 @@ def templates(config: LoadConfig, indexes: range) -> list[_Template]:
 
 
 def render(t: _Template, round_: int, seq_start: int, t0: int, interval_s: int) -> bytes:
-    """Payload of round `round_` of a pump (tests use it; the worker uses `_pacing.payload`,
-    the same bytes but for device time capped at the wall clock)."""
-    epoch = t0 + round_ * interval_s + t.phase_s
-    span = t.capacity_ml - t.alarm_ml - 0.5
-    reservoir = t.capacity_ml - (t.used_ml + round_ * t.drain_ml) % span
-    p0, p1, p2, p3 = t.parts
-    return b"".join(
-        (p0, _iso(epoch), p1, b"%d" % (seq_start + round_), p2, b"%.3f" % reservoir, p3)
+    """Payload of round `round_` of a pump, device time not capped (tests and benchmarks use
+    it; the worker calls `_pacing.payload` on the same row, capped at the wall clock)."""
+    return payload(_row(t, t0), round_, seq_start, interval_s, sys.maxsize)
+
+
+def _row(t: _Template, t0: int, conn: Connection | None = None) -> Row:
+    """A pump flat for the hot loop (`_pacing.Row`)."""
+    return (
+        conn,
+        t.topic,
+        *t.parts,
+        t0 + t.phase_s,
+        t.capacity_ml,
+        t.used_ml,
+        t.drain_ml,
+        t.capacity_ml - t.alarm_ml - 0.5,
     )
 
 
@@ -408,19 +415,7 @@ def _work(index: int, config: LoadConfig, broker: BrokerOptions, plan: dict[str,
 
 def _rows(shard: list[_Template], conns: list[Connection], t0: int) -> list[Row]:
     """The pumps as flat rows for the hot loop (`_pacing.Row`), dealt over the connections."""
-    return [
-        (
-            conns[k % len(conns)],
-            t.topic,
-            *t.parts,
-            t0 + t.phase_s,
-            t.capacity_ml,
-            t.used_ml,
-            t.drain_ml,
-            t.capacity_ml - t.alarm_ml - 0.5,
-        )
-        for k, t in enumerate(shard)
-    ]
+    return [_row(t, t0, conns[k % len(conns)]) for k, t in enumerate(shard)]
 
 
 def _window(

@@ -31,26 +31,18 @@ import asyncpg
 from _figures import record
 
 sys.path.insert(0, str(Path(__file__).parent))
-from ingest_bench import Watched, fresh_db, ingester_env, sim_load, wait_healthy
+from ingest_bench import Watched, fresh_db, ingester_env, sim_load, wait_count, wait_healthy
 
 from pumpfleet import stack as stack_mod
 
 
-def rss_mb(w: Watched) -> float:
-    for line in Path(f"/proc/{w.proc.pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
-
-
-async def _until(conn: asyncpg.Connection, sql: str, done: object, timeout: float) -> None:
-    """Poll `sql` (a boolean) until it is true."""
+async def _feed_judged(conn: asyncpg.Connection, timeout: float) -> None:
+    """Wait until the alerting service has judged every stored message (its feed is empty)."""
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if await conn.fetchval(sql):
-            return
+    while await conn.fetchval("SELECT EXISTS (SELECT 1 FROM alert_feed)"):
+        if time.monotonic() > deadline:
+            raise SystemExit(f"the alerting feed was not judged within {timeout:.0f} s")
         await asyncio.sleep(0.25)
-    raise SystemExit(f"timed out after {timeout:.0f} s waiting for: {sql} ({done})")
 
 
 async def one_size(
@@ -71,12 +63,10 @@ async def one_size(
         ing0, alert0 = ingester.cpu_s(), alerting.cpu_s()
         report = work / f"sim_load_{pumps}.txt"
         acked, _ = await sim_load(info, env, pumps, rate, seconds, report)
+        await wait_count(dsn, acked, timeout=600)  # every acknowledged message stored
         conn = await asyncpg.connect(dsn)
         try:
-            stored_all = f"SELECT count(*) >= {acked} FROM telemetry"
-            await _until(conn, stored_all, "every acknowledged message stored", 600)
-            judged = "SELECT NOT EXISTS (SELECT 1 FROM alert_feed)"
-            await _until(conn, judged, "the alerting feed judged", 900)
+            await _feed_judged(conn, 900)
             stored, span, seen = await conn.fetchrow(
                 "SELECT count(*), extract(epoch FROM max(received_at) - min(received_at)), "
                 "count(DISTINCT pump_id) FROM telemetry"
@@ -84,7 +74,7 @@ async def one_size(
         finally:
             await conn.close()
         ing_cpu, alert_cpu = ingester.cpu_s() - ing0, alerting.cpu_s() - alert0
-        ing_rss, alert_rss = rss_mb(ingester), rss_mb(alerting)
+        ing_rss, alert_rss = ingester.rss_mb(), alerting.rss_mb()
     finally:
         ingester.stop()
         alerting.stop()

@@ -36,6 +36,7 @@ import types
 import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import paho.mqtt.client as mqtt
@@ -273,20 +274,46 @@ def make_session(mqtt_url: str, client_id: str) -> None:
 # Stages -----------------------------------------------------------------------------------------
 
 
+def queued_backlog(
+    info: stack_mod.StackInfo, n: int, workers: int, prefix: str
+) -> tuple[str, BrokerOptions, Properties]:
+    """n telemetry messages queued for a new persistent session of the ingest account: (its
+    client id, the account's broker options, CONNECT properties that resume it with a window of
+    20,000 and end it on disconnect)."""
+    cid = f"{prefix}-{uuid.uuid4().hex[:6]}"
+    make_session(info.mqtt_url_for("ingest"), cid)
+    publish(info.mqtt_url_for("fleet"), n, workers)
+    props = Properties(PacketTypes.CONNECT)
+    props.SessionExpiryInterval = 0
+    props.ReceiveMaximum = 20000
+    return cid, BrokerOptions.from_url(info.mqtt_url_for("ingest")), props
+
+
+def ingester_client(
+    cls: type[mqtt.Client], cid: str, broker: BrokerOptions, **kwargs: Any
+) -> mqtt.Client:
+    """A client of the ingester's class (or an older one), logged in as the ingester logs in."""
+    c = cls(
+        callback_api_version=CallbackAPIVersion.VERSION2,
+        client_id=cid,
+        protocol=mqtt.MQTTv5,
+        **kwargs,
+    )
+    if broker.username is not None:
+        c.username_pw_set(broker.username, broker.password)
+    if broker.tls:
+        c.tls_set_context(broker.tls_context())
+    return c
+
+
 def bare_mqtt_drain(info: stack_mod.StackInfo, n: int, workers: int, buffered: bool) -> float:
     """The MQTT ceiling in Python: a paho subscriber that acks each message and does nothing
     (stock paho, or paho with the ingester's buffered socket)."""
     from ingest._mqtt import Client as BufferedClient
 
-    cid = f"bench-bare-{uuid.uuid4().hex[:6]}"
-    make_session(info.mqtt_url_for("ingest"), cid)
-    publish(info.mqtt_url_for("fleet"), n, workers)
+    cid, broker, props = queued_backlog(info, n, workers, "bench-bare")
     got = 0
     done = mp.Event()
-    broker = BrokerOptions.from_url(info.mqtt_url_for("ingest"))
-    props = Properties(PacketTypes.CONNECT)
-    props.SessionExpiryInterval = 0
-    props.ReceiveMaximum = 20000
 
     def on_message(c: mqtt.Client, u: object, m: mqtt.MQTTMessage) -> None:
         nonlocal got
@@ -294,16 +321,7 @@ def bare_mqtt_drain(info: stack_mod.StackInfo, n: int, workers: int, buffered: b
         if got >= n:
             done.set()
 
-    if buffered:  # the ingester's client class, logged in as the ingester logs it in
-        c: mqtt.Client = BufferedClient(
-            callback_api_version=CallbackAPIVersion.VERSION2, client_id=cid, protocol=mqtt.MQTTv5
-        )
-        if broker.username is not None:
-            c.username_pw_set(broker.username, broker.password)
-        if broker.tls:
-            c.tls_set_context(broker.tls_context())
-    else:
-        c = broker.paho_client(cid)
+    c = ingester_client(BufferedClient, cid, broker) if buffered else broker.paho_client(cid)
     c.on_message = on_message
     start = time.perf_counter()
     c.connect(broker.host, broker.port, clean_start=False, properties=props)
@@ -347,21 +365,8 @@ def raw_path_drain(
     as ingest/_service.py does after each commit."""
     import queue
 
-    cid = f"bench-rawpath-{uuid.uuid4().hex[:6]}"
-    make_session(info.mqtt_url_for("ingest"), cid)
-    publish(info.mqtt_url_for("fleet"), n, workers)
-    broker = BrokerOptions.from_url(info.mqtt_url_for("ingest"))
-    props = Properties(PacketTypes.CONNECT)
-    props.SessionExpiryInterval = 0
-    props.ReceiveMaximum = 20000
-    c = client_cls(
-        callback_api_version=CallbackAPIVersion.VERSION2,
-        client_id=cid,
-        protocol=mqtt.MQTTv5,
-        manual_ack=True,
-    )
-    if broker.username is not None:
-        c.username_pw_set(broker.username, broker.password)
+    cid, broker, props = queued_backlog(info, n, workers, "bench-rawpath")
+    c = ingester_client(client_cls, cid, broker, manual_ack=True)
     mids: queue.SimpleQueue[int] = queue.SimpleQueue()
     c.on_raw_message = lambda topic, payload, mid: mids.put(mid)  # type: ignore[attr-defined]
     c.on_message = lambda client, userdata, m: mids.put(m.mid)  # what the raw path leaves to paho

@@ -294,18 +294,16 @@ def _version(package: str) -> str:
 
 
 def _figures(data: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """key -> {values, unit, better, what, suite} over every run of every suite."""
+    """key -> {values, unit, better, what} over every run of every suite."""
     out: dict[str, dict[str, Any]] = {}
-    for name, suite in data["suites"].items():
+    for suite in data["suites"].values():
         for run in suite["runs"]:
             for f in run:
+                what = LABELS.get(f["key"], f["what"])
                 slot = out.setdefault(
-                    f["key"],
-                    {"values": [], "unit": f["unit"], "better": f["better"], "what": f["what"]},
+                    f["key"], {"values": [], "unit": f["unit"], "better": f["better"], "what": what}
                 )
-                slot["what"] = LABELS.get(f["key"], slot["what"])
                 slot["values"].append(f["value"])
-                slot["suite"] = name
     return out
 
 
